@@ -1,0 +1,1 @@
+"""optishear-lightning: adaptive post-training pruning of LLMs."""
