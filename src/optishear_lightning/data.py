@@ -1,0 +1,711 @@
+"""Calibration and evaluation text for post-training pruning.
+
+Two entry points, both framework-free (plain PyTorch, ``transformers`` tokenizers and, for the
+Hugging Face Hub sources only, ``datasets``):
+
+* :func:`calibration_windows` returns the ``(n_samples, seq_len)`` token windows a pruning method
+  collects activations on. Named sources reproduce the sampling of Wanda / SparseGPT
+  (``lib/data.py`` / ``datautils.py``) call for call, so the same seed gives the same windows as
+  the published code.
+* :func:`evaluation_tokens` returns the 1-D token stream that perplexity is measured on, built
+  the way the literature builds it (WikiText-2 test rows joined with ``"\\n\\n"``; the first
+  1,100 C4 validation documents joined with ``" "`` and cut to ``256 * seq_len`` tokens).
+
+Sources are either a known name (``"c4"``, ``"wikitext2"``, ``"ptb"``; these download from the
+Hub), a local file whose path the caller passes (nothing here assumes any particular data
+directory exists), in-memory text or tokens, or -- for calibration only -- ``"self"``: text
+sampled from the model itself, for data-free calibration.
+
+Local files:
+
+* ``.jsonl`` (optionally ``.jsonl.gz``), ``.json`` (a list of objects or strings, or JSON lines;
+  optionally ``.json.gz``, which is how the C4 shards ship) and ``.parquet`` hold *documents*
+  (the ``text_field`` of each record). Calibration samples them like C4.
+* ``.txt`` and ``.raw`` hold *one text stream*, read as is. Calibration samples it like
+  WikiText-2.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "CALIBRATION_SOURCES",
+    "DOCUMENT_SUFFIXES",
+    "EVALUATION_SOURCES",
+    "STREAM_SUFFIXES",
+    "calibration_windows",
+    "evaluation_tokens",
+]
+
+#: Names :func:`calibration_windows` accepts besides local paths, tensors and lists of text.
+CALIBRATION_SOURCES: tuple[str, ...] = ("c4", "wikitext2", "ptb", "self", "generated")
+#: Names :func:`evaluation_tokens` accepts besides local paths, tensors and lists of text.
+EVALUATION_SOURCES: tuple[str, ...] = ("wikitext2", "c4", "ptb")
+#: Local file suffixes read as a collection of documents (``.jsonl``/``.json`` may add ``.gz``).
+DOCUMENT_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
+#: Local file suffixes read as one text stream.
+STREAM_SUFFIXES: tuple[str, ...] = (".txt", ".raw")
+
+# Hub locations used by Wanda / SparseGPT. Only the train and validation shard 0 of C4 are used,
+# exactly as in the published code, so results stay comparable.
+_C4_REPO = "allenai/c4"
+_C4_TRAIN_FILE = "en/c4-train.00000-of-01024.json.gz"
+_C4_VALIDATION_FILE = "en/c4-validation.00000-of-00008.json.gz"
+# "wikitext" is the legacy alias of this repository; naming the owner avoids relying on the
+# Hub's redirect.
+_WIKITEXT_REPO = "Salesforce/wikitext"
+_WIKITEXT_CONFIG = "wikitext-2-raw-v1"
+_PTB_REPO = "ptb_text_only"
+_PTB_CONFIG = "penn_treebank"
+
+_ACCEPTED_FILES = (
+    "a .jsonl/.json/.parquet file of documents (text in the `text_field` of each record; "
+    ".jsonl.gz/.json.gz also work) or a .txt/.raw file read as one text stream"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def calibration_windows(
+    source: str | os.PathLike[str] | torch.Tensor | Sequence[str] | Any | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+    n_samples: int = 128,
+    seq_len: int = 2048,
+    seed: int = 0,
+    model: torch.nn.Module | None = None,
+    *,
+    text_field: str = "text",
+    generation_batch_size: int = 8,
+) -> torch.Tensor:
+    """Draw calibration windows the way Wanda / SparseGPT do.
+
+    Document sources (``"c4"``, ``.jsonl``/``.json``/``.parquet`` files, a list of strings, a
+    ``datasets.Dataset``) follow Wanda's ``get_c4`` exactly: with a RNG seeded by ``seed``, each
+    sample repeatedly picks ``i = randint(0, n_docs - 1)`` and tokenises document ``i`` until one
+    is longer than ``seq_len`` tokens, then takes the window starting at
+    ``randint(0, length - seq_len - 1)``.
+
+    Stream sources (``"wikitext2"``, ``"ptb"``, ``.txt``/``.raw`` files) follow ``get_wikitext2``:
+    the text is tokenised once and each window starts at ``randint(0, n_tokens - seq_len - 1)``.
+    For ``"wikitext2"`` the train rows are joined with ``" "`` as in the published code (the
+    test split, used for perplexity, is joined with ``"\\n\\n"``).
+
+    ``"self"`` / ``"generated"`` (or ``None``) is data-free calibration in the style of LLM-QAT
+    (Liu et al., 2023): each window is text the model samples from its own distribution, starting
+    from the BOS token, with plain multinomial sampling (``top_k=0``, ``top_p=1``,
+    ``temperature=1``) for exactly ``seq_len - 1`` new tokens -- EOS is suppressed so no sample
+    ends early. Sampling is seeded with ``seed`` inside a forked RNG, so it is deterministic for
+    a given seed, ``generation_batch_size``, model and device, and leaves the caller's global
+    RNG state alone. The model is put in eval mode for the duration and restored afterwards.
+
+    The random module is used through a private ``random.Random(seed)``, which produces the same
+    numbers as ``random.seed(seed)`` followed by module-level calls but does not disturb the
+    caller's global RNG.
+
+    Args:
+        source: A name from :data:`CALIBRATION_SOURCES`, a local file path (see the module
+            docstring), a list of document strings, a ``datasets.Dataset`` with a
+            ``text_field`` column, an already tokenised 2-D integer tensor (returned as is,
+            ``n_samples``/``seq_len`` are not applied to it), or ``None`` for ``"self"``. A bare
+            string that matches a known name is the name even if a file of that name exists in
+            the working directory; write ``"./c4"`` or pass a :class:`~pathlib.Path` to mean the
+            file.
+        tokenizer: Tokenizer used for text sources; may be ``None`` for tensors and ``"self"``.
+        n_samples: Number of windows.
+        seq_len: Tokens per window.
+        seed: Seed of the window sampler (and of generation for ``"self"``).
+        model: Causal LM with ``generate``; required for ``"self"``, ignored otherwise.
+        text_field: Field/column holding the text in local document files and datasets.
+        generation_batch_size: Sequences generated at once for ``"self"``.
+
+    Returns:
+        A ``torch.long`` tensor of shape ``(n_samples, seq_len)`` on the CPU (a tensor source is
+        returned unchanged apart from a cast to ``long``).
+
+    Raises:
+        ValueError: For an unknown name, an empty source, a source with no document (or a stream)
+            longer than ``seq_len`` tokens, a directory or unsupported file type, or invalid
+            ``n_samples``/``seq_len``/``generation_batch_size``.
+        FileNotFoundError: For a path-like string that does not exist.
+    """
+    if isinstance(source, torch.Tensor):
+        return _validated_token_tensor(source)
+    _check_positive_int("n_samples", n_samples, 1, "ask for at least one calibration window")
+    _check_positive_int("seq_len", seq_len, 2, "windows need at least two tokens")
+    _check_positive_int("generation_batch_size", generation_batch_size, 1, "use 1 or more")
+
+    if source is None:
+        source = "self"
+    if isinstance(source, (str, os.PathLike)):
+        kind, resolved = _resolve(source, CALIBRATION_SOURCES)
+        if kind == "name":
+            if resolved in ("self", "generated"):
+                return _generated_windows(
+                    model, tokenizer, n_samples, seq_len, seed, generation_batch_size
+                )
+            tok = _require_tokenizer(tokenizer, f"source {resolved!r}")
+            if resolved == "c4":
+                docs = _Column(_load_c4("train", _C4_TRAIN_FILE), "text")
+                return _document_windows(docs, tok, n_samples, seq_len, seed)
+            # Wanda/SparseGPT join the train rows with " " here (not "\n\n" as for the test split).
+            text = " ".join(_hf_texts(resolved, "train"))
+            return _stream_windows(_encode(tok, text), n_samples, seq_len, seed)
+        tok = _require_tokenizer(tokenizer, f"file {resolved}")
+        path = Path(resolved)
+        if _is_stream_file(path):
+            text = _read_text(path)
+            if not text:
+                raise ValueError(f"{path} is empty; give a file with text in it.")
+            return _stream_windows(_encode(tok, text), n_samples, seq_len, seed)
+        docs = _read_documents(path, text_field)
+        if len(docs) == 0:
+            raise ValueError(f"{path} holds no documents; give a file with at least one record.")
+        return _document_windows(docs, tok, n_samples, seq_len, seed)
+
+    docs = _as_documents(source, text_field)
+    tok = _require_tokenizer(tokenizer, "a list of documents")
+    return _document_windows(docs, tok, n_samples, seq_len, seed)
+
+
+def evaluation_tokens(
+    source: str | os.PathLike[str] | torch.Tensor | Sequence[str] | Any | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+    *,
+    text: str | None = None,
+    seq_len: int = 2048,
+    max_docs: int = 1100,
+    max_tokens: int | None = None,
+    text_field: str = "text",
+) -> torch.Tensor:
+    """Tokenise the text perplexity is evaluated on, following the pruning literature.
+
+    * ``"wikitext2"``: WikiText-2 raw test rows joined with ``"\\n\\n"``, tokenised once.
+    * ``"c4"``: the first ``max_docs`` (1,100) documents of C4 validation shard 0 joined with
+      ``" "``, tokenised, cut to ``max_tokens`` -- by default ``256 * seq_len``, Wanda's
+      ``valenc[:, :(256 * seqlen)]``.
+    * ``"ptb"``: Penn Treebank test sentences joined with ``" "``.
+    * A ``.txt``/``.raw`` file: its text as is (the canonical ``wiki.test.raw`` is byte-identical
+      to the joined WikiText-2 test rows, so it reproduces ``"wikitext2"`` offline).
+    * A ``.jsonl``/``.json``/``.parquet`` file, a list of strings or a ``datasets.Dataset``: the
+      first ``max_docs`` documents joined with ``" "`` (the C4 convention). Pass
+      ``max_tokens=256 * seq_len`` to also apply the C4 cut.
+    * ``text=``: the given string, tokenised. Raw text is never guessed from ``source``: a string
+      source is a known name or a path, anything else is an error.
+
+    Long text is tokenised whole, without truncation and without the tokenizer's "sequence length
+    is longer than the specified maximum" warning (the stream is cut into windows later).
+
+    Args:
+        source: A name from :data:`EVALUATION_SOURCES`, a local file path, a list of documents, a
+            ``datasets.Dataset``, a 1-D (or ``(1, n)``) token tensor, or ``None`` with ``text``.
+            Names win over same-named files in the working directory, as in
+            :func:`calibration_windows`.
+        tokenizer: Tokenizer for text sources; may be ``None`` for a tensor source.
+        text: Raw text to tokenise instead of ``source``.
+        seq_len: Evaluation window length; only used for the C4 default of ``max_tokens``.
+        max_docs: Documents joined for document sources.
+        max_tokens: Keep only the first ``max_tokens`` tokens (default: all, except for ``"c4"``).
+        text_field: Field/column holding the text in local document files and datasets.
+
+    Returns:
+        A 1-D ``torch.long`` tensor of token ids.
+
+    Raises:
+        ValueError: For an unknown name, both or neither of ``source`` and ``text``, empty text, a
+            directory or unsupported file type, or non-positive ``max_docs``/``max_tokens``/
+            ``seq_len``.
+        FileNotFoundError: For a path-like string that does not exist.
+    """
+    _check_positive_int("seq_len", seq_len, 1, "use the model's evaluation length, e.g. 2048")
+    _check_positive_int("max_docs", max_docs, 1, "join at least one document")
+    if max_tokens is not None:
+        _check_positive_int("max_tokens", max_tokens, 1, "use None to keep every token")
+
+    if text is not None:
+        if source is not None:
+            raise ValueError("Give either `source` or `text=`, not both.")
+        if not text:
+            raise ValueError("`text` is empty; give the text to evaluate on.")
+        ids = _encode(_require_tokenizer(tokenizer, "text="), text)
+        return _truncate(ids, max_tokens)
+    if source is None:
+        raise ValueError(
+            "No evaluation text: pass a source (one of "
+            f"{', '.join(map(repr, EVALUATION_SOURCES))} or a local file path) or `text=`."
+        )
+    if isinstance(source, torch.Tensor):
+        ids = _validated_token_tensor(source, one_dimensional=True)
+        return _truncate(ids, max_tokens)
+
+    if isinstance(source, (str, os.PathLike)):
+        kind, resolved = _resolve(source, EVALUATION_SOURCES, mention_text=True)
+        if kind == "name":
+            tok = _require_tokenizer(tokenizer, f"source {resolved!r}")
+            if resolved == "wikitext2":
+                joined = "\n\n".join(_hf_texts("wikitext2", "test"))
+            elif resolved == "ptb":
+                joined = " ".join(_hf_texts("ptb", "test"))
+            else:
+                dataset = _load_c4("validation", _C4_VALIDATION_FILE)
+                joined = " ".join(dataset[:max_docs]["text"])
+                if max_tokens is None:
+                    max_tokens = 256 * seq_len
+            return _truncate(_encode(tok, joined), max_tokens)
+        tok = _require_tokenizer(tokenizer, f"file {resolved}")
+        path = Path(resolved)
+        if _is_stream_file(path):
+            joined = _read_text(path)
+        else:
+            joined = " ".join(_read_documents(path, text_field, limit=max_docs))
+        if not joined:
+            raise ValueError(f"{path} holds no text; give a file with text in it.")
+        return _truncate(_encode(tok, joined), max_tokens)
+
+    docs = _as_documents(source, text_field)
+    tok = _require_tokenizer(tokenizer, "a list of documents")
+    joined = " ".join(docs[i] for i in range(min(len(docs), max_docs)))
+    if not joined:
+        raise ValueError("The documents hold no text; give non-empty documents.")
+    return _truncate(_encode(tok, joined), max_tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+
+
+def _document_windows(
+    docs: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    n_samples: int,
+    seq_len: int,
+    seed: int,
+) -> torch.Tensor:
+    """Wanda's ``get_c4`` loop over ``docs``, with a guard against sources too short to finish."""
+    n_docs = len(docs)
+    # Token ids of documents long enough to hold a window, None for those that are not. Caching
+    # changes no random call (tokenisation is deterministic) but saves re-tokenising documents
+    # the loop draws again, and lets the pre-scan's work be reused.
+    cache: dict[int, torch.Tensor | None] = {}
+    longest = 0
+
+    def long_enough(i: int) -> torch.Tensor | None:
+        nonlocal longest
+        if i not in cache:
+            ids = _encode(tokenizer, _document_text(docs, i))
+            longest = max(longest, ids.numel())
+            cache[i] = ids if ids.numel() > seq_len else None
+        return cache[i]
+
+    # Without this scan the rejection loop below would spin forever when no document qualifies.
+    # It stops at the first long-enough document, which for real corpora is among the first few.
+    if not any(long_enough(i) is not None for i in range(n_docs)):
+        raise ValueError(
+            f"No document is longer than seq_len={seq_len} tokens (the longest of {n_docs} has "
+            f"{longest}); lower seq_len or give longer text."
+        )
+
+    rng = random.Random(seed)
+    windows = []
+    for _ in range(n_samples):
+        while True:
+            ids = long_enough(rng.randint(0, n_docs - 1))
+            if ids is not None:
+                break
+        start = rng.randint(0, ids.numel() - seq_len - 1)
+        windows.append(ids[start : start + seq_len])
+    return torch.stack(windows)
+
+
+def _stream_windows(ids: torch.Tensor, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Wanda's ``get_wikitext2`` sampling of random windows from one token stream."""
+    n_tokens = ids.numel()
+    # randint(0, n - seq_len - 1) needs n > seq_len; the published code never uses the last token.
+    if n_tokens <= seq_len:
+        raise ValueError(
+            f"The text has {n_tokens} tokens, not more than seq_len={seq_len}; lower seq_len or "
+            "give longer text."
+        )
+    rng = random.Random(seed)
+    starts = [rng.randint(0, n_tokens - seq_len - 1) for _ in range(n_samples)]
+    return torch.stack([ids[s : s + seq_len] for s in starts])
+
+
+def _generated_windows(
+    model: torch.nn.Module | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+    n_samples: int,
+    seq_len: int,
+    seed: int,
+    batch_size: int,
+) -> torch.Tensor:
+    """Sample ``n_samples`` sequences of ``seq_len`` tokens from ``model`` (LLM-QAT style)."""
+    if model is None:
+        raise ValueError(
+            "Data-free calibration ('self'/'generated') samples text from the model: pass "
+            "model=..., or give calibration text (a dataset name or a local file)."
+        )
+    if not callable(getattr(model, "generate", None)):
+        raise TypeError(
+            f"{type(model).__name__} has no generate(); pass a transformers causal LM for "
+            "data-free calibration."
+        )
+    start_id = _start_token_id(model, tokenizer)
+    eos_ids = _eos_token_ids(model, tokenizer)
+    pad_id = _first_int(getattr(getattr(model, "generation_config", None), "pad_token_id", None))
+    if pad_id is None:
+        # Every row has the same length so nothing is padded; naming a pad id only silences
+        # generate()'s "Setting pad_token_id" notice.
+        pad_id = eos_ids[0] if eos_ids else start_id
+    device = _model_device(model)
+
+    was_training = model.training
+    model.eval()  # dropout would make the samples depend on the module's mode
+    try:
+        with _forked_rng(device), torch.no_grad():
+            torch.manual_seed(seed)
+            chunks = []
+            for begin in range(0, n_samples, batch_size):
+                rows = min(batch_size, n_samples - begin)
+                prompt = torch.full((rows, 1), start_id, dtype=torch.long, device=device)
+                out = model.generate(
+                    prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    do_sample=True,
+                    # top_k=None would fall back to the default of 50; 0 disables the cut so the
+                    # samples follow the model's full distribution.
+                    top_k=0,
+                    top_p=1.0,
+                    temperature=1.0,
+                    typical_p=1.0,
+                    repetition_penalty=1.0,
+                    max_new_tokens=seq_len - 1,
+                    # min_new_tokens == max_new_tokens masks every EOS id, so no row stops early.
+                    min_new_tokens=seq_len - 1,
+                    eos_token_id=eos_ids or None,
+                    pad_token_id=pad_id,
+                )
+                if out.shape != (rows, seq_len):
+                    raise RuntimeError(
+                        f"generate() returned shape {tuple(out.shape)}, expected {(rows, seq_len)}"
+                    )
+                chunks.append(out.to("cpu", torch.long))
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks)
+
+
+def _forked_rng(device: torch.device) -> Any:
+    """Fork the RNGs generation draws from, so seeding does not leak into the caller's state."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    if device.type == "cuda":
+        # manual_seed seeds every CUDA device, so all of them are forked and restored.
+        return torch.random.fork_rng(devices=list(range(torch.cuda.device_count())))
+    return torch.random.fork_rng(device_type=device.type)
+
+
+def _start_token_id(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> int:
+    """The model's BOS id, else the tokenizer's BOS, else an EOS id (documents start after one)."""
+    candidates = (
+        getattr(getattr(model, "generation_config", None), "bos_token_id", None),
+        getattr(getattr(model, "config", None), "bos_token_id", None),
+        getattr(tokenizer, "bos_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        getattr(getattr(model, "config", None), "eos_token_id", None),
+    )
+    for candidate in candidates:
+        token_id = _first_int(candidate)
+        if token_id is not None:
+            return token_id
+    raise ValueError(
+        "Cannot start data-free generation: neither the model nor the tokenizer defines a BOS or "
+        "EOS token; set model.generation_config.bos_token_id."
+    )
+
+
+def _eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> list[int]:
+    """Every EOS id the model or tokenizer knows, so min_new_tokens masks all of them."""
+    ids: list[int] = []
+    for value in (
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
+        values = value if isinstance(value, (list, tuple)) else [value]
+        ids.extend(int(v) for v in values if isinstance(v, int) and int(v) not in ids)
+    return ids
+
+
+def _first_int(value: Any) -> int | None:
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+
+class _Column(Sequence[str]):
+    """Lazy list view of one text column of a ``datasets.Dataset``.
+
+    Lazy so that a full C4 shard (356k documents) is not copied into Python strings when the
+    sampler only reads a few hundred of them.
+    """
+
+    def __init__(self, dataset: Any, field: str) -> None:
+        names = list(getattr(dataset, "column_names", None) or [])
+        if field not in names:
+            raise ValueError(
+                f"The dataset has no column {field!r} (it has {names}); set text_field."
+            )
+        self._dataset = dataset
+        self._field = field
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self._dataset[int(index)][self._field]
+
+
+def _as_documents(source: Any, text_field: str) -> Sequence[str]:
+    """Validate an in-memory document source: a list of strings or a ``datasets.Dataset``."""
+    if hasattr(source, "column_names") and hasattr(source, "__getitem__"):
+        docs: Sequence[str] = _Column(source, text_field)
+    elif isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
+        docs = source
+    else:
+        raise TypeError(
+            f"Unsupported source type {type(source).__name__}: pass a dataset name, a local file "
+            "path, a list of strings, a datasets.Dataset or a token tensor."
+        )
+    if len(docs) == 0:
+        raise ValueError("The source is empty; give at least one document.")
+    return docs
+
+
+def _document_text(docs: Sequence[str], index: int) -> str:
+    text = docs[index]
+    if not isinstance(text, str):
+        raise TypeError(f"Document {index} is a {type(text).__name__}, not a string.")
+    return text
+
+
+def _resolve(
+    source: str | os.PathLike[str], names: tuple[str, ...], mention_text: bool = False
+) -> tuple[str, str]:
+    """Classify ``source`` as ``("name", canonical_name)`` or ``("path", path)``."""
+    if isinstance(source, os.PathLike):
+        return "path", _checked_file(Path(source))
+    if not source.strip():
+        raise ValueError("The source is an empty string; give a dataset name or a file path.")
+    looks_like_path = any(sep in source for sep in ("/", os.sep)) or bool(_data_suffix(source))
+    key = source.strip().lower().replace("-", "").replace("_", "")
+    # A bare known name is the name even if the working directory has a file or folder of that
+    # name (running from a data root with a "c4/" folder is common); "./c4" means the path.
+    if key in names and not looks_like_path:
+        return "name", key
+    path = Path(source).expanduser()
+    if path.exists() or looks_like_path:
+        return "path", _checked_file(path)
+    hint = " Pass raw text with text=... instead." if mention_text else ""
+    raise ValueError(
+        f"Unknown source {source!r}: use one of {', '.join(map(repr, names))}, or the path of "
+        f"{_ACCEPTED_FILES}.{hint}"
+    )
+
+
+def _data_suffix(path: str | Path) -> str:
+    """The recognised data suffix of ``path`` (``.gz`` looked through), or ``""``."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        inner = suffixes[-2] if len(suffixes) > 1 else ""
+        return inner if inner in (".jsonl", ".json", *STREAM_SUFFIXES) else ""
+    last = suffixes[-1] if suffixes else ""
+    return last if last in DOCUMENT_SUFFIXES + STREAM_SUFFIXES else ""
+
+
+def _checked_file(path: Path) -> str:
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; pass {_ACCEPTED_FILES}.")
+    if not path.exists():
+        raise FileNotFoundError(f"No such file: {path}.")
+    if not _data_suffix(path):
+        raise ValueError(f"Unsupported file type {path.name!r}; pass {_ACCEPTED_FILES}.")
+    return str(path)
+
+
+def _is_stream_file(path: Path) -> bool:
+    return _data_suffix(path) in STREAM_SUFFIXES
+
+
+def _open_text(path: Path) -> Any:
+    # newline="" keeps "\r\n" and lone "\r" as they are: "read as is" must mean byte for byte.
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _read_text(path: Path) -> str:
+    with _open_text(path) as handle:
+        return handle.read()
+
+
+def _read_documents(path: Path, text_field: str, limit: int | None = None) -> list[str]:
+    """Read the documents of a ``.jsonl``/``.json``/``.parquet`` file, at most ``limit``."""
+    if _data_suffix(path) == ".parquet":
+        return _read_parquet(path, text_field, limit)
+    with _open_text(path) as handle:
+        lines = iter(handle)
+        docs: list[str] = []
+        for line_no, line in enumerate(lines, 1):
+            if limit is not None and len(docs) >= limit:
+                break
+            if not line.strip():
+                continue
+            if not docs and line.lstrip().startswith("["):
+                # A JSON list of records; anything else is read as JSON lines, which is also
+                # what C4's .json.gz shards hold despite their suffix.
+                records = json.loads(line + "".join(lines))
+                if not isinstance(records, list):
+                    raise ValueError(f"{path}: expected a JSON list of records.")
+                records = records[:limit] if limit is not None else records
+                return [_record_text(r, text_field, path, n) for n, r in enumerate(records, 1)]
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg}).") from err
+            docs.append(_record_text(record, text_field, path, line_no))
+        return docs
+
+
+def _record_text(record: Any, text_field: str, path: Path, where: int) -> str:
+    if isinstance(record, str):
+        return record
+    if isinstance(record, dict) and isinstance(record.get(text_field), str):
+        return record[text_field]
+    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise ValueError(
+        f"{path}: record {where} has no string field {text_field!r} (it has {keys}); set "
+        "text_field."
+    )
+
+
+def _read_parquet(path: Path, text_field: str, limit: int | None) -> list[str]:
+    import pyarrow.parquet as pq  # a dependency of `datasets`; imported only when needed
+
+    names = pq.read_schema(path).names
+    if text_field not in names:
+        raise ValueError(f"{path} has no column {text_field!r} (it has {names}); set text_field.")
+    column = pq.read_table(path, columns=[text_field]).column(text_field)
+    if limit is not None:
+        column = column.slice(0, limit)
+    docs = column.to_pylist()
+    for n, doc in enumerate(docs):
+        if not isinstance(doc, str):
+            raise ValueError(f"{path}: row {n} of {text_field!r} is not a string.")
+    return docs
+
+
+def _load_c4(split: str, data_file: str) -> Any:
+    from datasets import load_dataset  # imported lazily: only the Hub sources need it
+
+    # Wanda also passes the config name "allenai--c4", which current `datasets` rejects; the data
+    # file alone selects the same shard.
+    return load_dataset(_C4_REPO, data_files={split: data_file}, split=split)
+
+
+def _hf_texts(name: str, split: str) -> list[str]:
+    """The text rows of WikiText-2 (raw) or PTB (text only) from the Hub."""
+    from datasets import load_dataset
+
+    if name == "wikitext2":
+        return list(load_dataset(_WIKITEXT_REPO, _WIKITEXT_CONFIG, split=split)["text"])
+    try:
+        dataset = load_dataset(_PTB_REPO, _PTB_CONFIG, split=split)
+    except Exception as err:  # the Hub copy is script-based, which newer `datasets` refuse
+        raise RuntimeError(
+            f"Could not load {_PTB_REPO!r} from the Hub ({err}); pass a local copy instead, e.g. "
+            "the Mikolov ptb.test.txt file."
+        ) from err
+    return list(dataset["sentence"])
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
+    """Token ids of ``text`` as a 1-D long tensor, exactly as ``tokenizer(text)`` gives them."""
+    # verbose=False: texts longer than model_max_length are expected here (they are cut into
+    # windows later) and the tokenizer's "longer than the specified maximum" notice would only
+    # alarm users. It changes no ids.
+    encoded = tokenizer(text, return_tensors="pt", verbose=False)
+    return encoded["input_ids"][0].to(torch.long)
+
+
+def _truncate(ids: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
+    return ids if max_tokens is None else ids[:max_tokens]
+
+
+def _require_tokenizer(
+    tokenizer: PreTrainedTokenizerBase | None, what: str
+) -> PreTrainedTokenizerBase:
+    if tokenizer is None:
+        raise ValueError(f"A tokenizer is needed to tokenise {what}; pass tokenizer=...")
+    return tokenizer
+
+
+def _check_positive_int(name: str, value: Any, minimum: int, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; {fix}.")
+
+
+def _validated_token_tensor(tokens: torch.Tensor, one_dimensional: bool = False) -> torch.Tensor:
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(f"Token ids must be an integer tensor, got dtype {tokens.dtype}.")
+    if one_dimensional:
+        if tokens.dim() == 2 and tokens.shape[0] == 1:
+            tokens = tokens[0]
+        if tokens.dim() != 1 or tokens.numel() == 0:
+            raise ValueError(
+                "Expected a non-empty 1-D (or (1, n)) token tensor, got shape "
+                f"{tuple(tokens.shape)}."
+            )
+    elif tokens.dim() != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 2:
+        raise ValueError(
+            "Expected token windows of shape (n_samples, seq_len) with n_samples >= 1 and "
+            f"seq_len >= 2, got shape {tuple(tokens.shape)}; reshape the tensor."
+        )
+    return tokens.long()

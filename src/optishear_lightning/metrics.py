@@ -1,0 +1,157 @@
+"""Pruning methods: a score per weight (plus, for SparseGPT, a weight update).
+
+A *score metric* is a pure function ``score(weight, stats) -> scores`` (higher = keep); adding
+one is a single decorated function::
+
+    @register_metric("my_metric")
+    def my_metric(weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
+        return weight.abs() * stats.act_sq_mean.sqrt()
+
+The mask is then chosen by :func:`~optishear_lightning.masks.keep_mask_from_scores`. Methods
+that change the surviving weights (SparseGPT) implement :class:`PruningMethod` directly.
+
+Activation statistics use ``x_j``, the mean squared input activation of input channel ``j``
+(:attr:`LayerStats.act_sq_mean`). Wanda's ``||X_j||_2`` and RIA's ``||X_j||_2 ** 0.5`` differ
+from ``sqrt(x_j)`` and ``x_j ** 0.25`` by a factor that is constant over the layer, which no
+comparison group can see, so the masks are identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .calibration import LayerStats
+from .masks import SparsityPattern, apply_keep_mask, keep_mask_from_scores
+from .sparsegpt import sparsegpt_prune
+
+__all__ = [
+    "METHODS",
+    "PruningMethod",
+    "ScoreMethod",
+    "SparseGPTMethod",
+    "get_method",
+    "magnitude_score",
+    "register_metric",
+    "ria_score",
+    "wanda_score",
+]
+
+ScoreFn = Callable[[torch.Tensor, "LayerStats | None"], torch.Tensor]
+
+
+class PruningMethod:
+    """Interface of a pruning method.
+
+    Attributes:
+        name: registry name.
+        needs_activations: whether calibration forward passes are needed at all.
+        needs_gram: whether the input Gram matrix ``X^T X`` must be collected.
+    """
+
+    name: str = ""
+    needs_activations: bool = True
+    needs_gram: bool = False
+
+    def prune_(
+        self,
+        weight: torch.Tensor,
+        stats: LayerStats | None,
+        sparsity: float | None,
+        pattern: SparsityPattern,
+        group: str = "row",
+    ) -> torch.Tensor:
+        """Prune ``weight`` in place and return its keep mask."""
+        raise NotImplementedError
+
+
+class ScoreMethod(PruningMethod):
+    """A method that only scores weights; the mask layout does the rest."""
+
+    def __init__(self, name: str, score: ScoreFn, needs_activations: bool = True):
+        self.name = name
+        self.score = score
+        self.needs_activations = needs_activations
+
+    def __repr__(self) -> str:
+        return f"ScoreMethod({self.name!r})"
+
+    def prune_(self, weight, stats, sparsity, pattern, group="row"):
+        scores = self.score(weight.detach().float(), stats)
+        keep = keep_mask_from_scores(scores, sparsity, pattern, group)
+        apply_keep_mask(weight.data, keep)
+        return keep
+
+
+class SparseGPTMethod(PruningMethod):
+    """SparseGPT with 128-column blocks and 1% dampening (see :mod:`.sparsegpt`)."""
+
+    name = "sparsegpt"
+    needs_gram = True
+
+    def __init__(self, blocksize: int = 128, percdamp: float = 0.01):
+        self.blocksize = blocksize
+        self.percdamp = percdamp
+
+    def prune_(self, weight, stats, sparsity, pattern, group="row"):
+        if stats is None or stats.gram is None:
+            raise ValueError("SparseGPT needs the calibration Gram matrix of every layer.")
+        new_weight, keep = sparsegpt_prune(
+            weight.data, stats.gram, sparsity, pattern, group, self.blocksize, self.percdamp
+        )
+        weight.data.copy_(new_weight)
+        return keep
+
+
+METHODS: dict[str, PruningMethod] = {}
+
+
+def register_metric(name: str, needs_activations: bool = True) -> Callable[[ScoreFn], ScoreFn]:
+    """Decorator that registers a score function as a pruning method called ``name``."""
+
+    def wrap(fn: ScoreFn) -> ScoreFn:
+        METHODS[name] = ScoreMethod(name, fn, needs_activations)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str | PruningMethod) -> PruningMethod:
+    """Look up a pruning method by name (case-insensitive)."""
+    if isinstance(name, PruningMethod):
+        return name
+    key = str(name).lower()
+    if key not in METHODS:
+        raise ValueError(f"Unknown pruning method {name!r}; choose one of {sorted(METHODS)}.")
+    return METHODS[key]
+
+
+@register_metric("magnitude", needs_activations=False)
+def magnitude_score(weight: torch.Tensor, stats: LayerStats | None = None) -> torch.Tensor:
+    """``|W|`` (Han et al., 2015)."""
+    return weight.abs()
+
+
+@register_metric("wanda")
+def wanda_score(weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
+    """Wanda (Sun et al., 2024): ``|W_ij| * ||X_j||_2``."""
+    return weight.abs() * stats.act_sq_mean.sqrt().unsqueeze(0)
+
+
+@register_metric("ria")
+def ria_score(weight: torch.Tensor, stats: LayerStats | None, a: float = 0.5) -> torch.Tensor:
+    """RIA (Zhang et al., 2024): relative importance times ``||X_j||_2 ** a`` (a = 0.5).
+
+    Relative importance is ``|W_ij| / sum_k |W_kj| + |W_ij| / sum_k |W_ik|`` (column sum over
+    the output dimension plus row sum over the input dimension).
+    """
+    w = weight.abs()
+    tiny = torch.finfo(w.dtype).tiny  # an all-zero row or column must not give 0/0 = NaN
+    relative = w / w.sum(dim=0, keepdim=True).clamp_min(tiny) + w / w.sum(
+        dim=1, keepdim=True
+    ).clamp_min(tiny)
+    return relative * stats.act_sq_mean.sqrt().pow(a).unsqueeze(0)
+
+
+METHODS["sparsegpt"] = SparseGPTMethod()

