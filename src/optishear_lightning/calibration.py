@@ -108,6 +108,22 @@ class StatsCollector:
                 )
 
 
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Run ``model`` in eval mode (no dropout), then restore each module's training flag.
+
+    Calibration statistics must not depend on dropout: a freshly built transformers model, or
+    one handed over by a training loop, is in training mode.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 class _StopForward(Exception):
     """Raised by the last recorder to end the capture forward pass early."""
 
@@ -208,9 +224,10 @@ def capture_block_inputs(
     home = next(iter(outer_devices)) if len(outer_devices) == 1 else torch.device("cpu")
     try:
         model.to(device)
-        for input_ids in batches:
-            with contextlib.suppress(_StopForward):
-                model(input_ids=input_ids.to(device), use_cache=False)
+        with _eval_mode(model):
+            for input_ids in batches:
+                with contextlib.suppress(_StopForward):
+                    model(input_ids=input_ids.to(device), use_cache=False)
     finally:
         # The recorders are still in place, so this moves only the outer modules back.
         model.to(home)
@@ -253,6 +270,8 @@ def run_sequential(
 ) -> None:
     """Walk the decoder blocks in order, calling ``on_block`` with fresh statistics.
 
+    The model runs in eval mode (no dropout); every module's training flag is restored after.
+
     Args:
         model: a causal LM.
         batches: calibration ``input_ids``, each ``(batch, seq_len)``.
@@ -271,32 +290,39 @@ def run_sequential(
     device = torch.device(device) if device is not None else home
     if offload is None:
         offload = home != device
-    inputs = capture_block_inputs(model, batches, device, cache_device)
-    hidden = inputs.hidden
-    iterator: Iterable[int] = range(len(blocks))
-    if progress:
-        from tqdm.auto import tqdm
+    with _eval_mode(model):
+        inputs = capture_block_inputs(model, batches, device, cache_device)
+        hidden = inputs.hidden
+        iterator: Iterable[int] = range(len(blocks))
+        if progress:
+            from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, desc="blocks", unit="block")
-    for i in iterator:
-        block = blocks[i]
-        block_home = next(block.parameters()).device
-        block.to(device)
-        linears = find_prunable_linears(block)
-        wants_gram = [n for n, m in linears.items() if gram_for is not None and gram_for(n, m)]
-        collector = StatsCollector(linears, wants_gram)
-        outputs = []
-        with collector:
-            for h, call in zip(hidden, inputs.calls[i], strict=True):
-                outputs.append(run_block(block, h, call, device).to(h.device))
-        collector.check_finite(i)
-        changed = on_block(i, f"{blocks_name}.{i}", block, collector.stats)
-        del collector
-        if changed:
-            outputs = [
-                run_block(block, h, call, device).to(h.device)
-                for h, call in zip(hidden, inputs.calls[i], strict=True)
-            ]
-        hidden = outputs
-        if offload:
-            block.to(block_home)
+            iterator = tqdm(iterator, desc="blocks", unit="block")
+        for i in iterator:
+            block = blocks[i]
+            block_home = next(block.parameters()).device
+            try:
+                block.to(device)
+                linears = find_prunable_linears(block)
+                wants_gram = [
+                    n for n, m in linears.items() if gram_for is not None and gram_for(n, m)
+                ]
+                collector = StatsCollector(linears, wants_gram)
+                outputs = []
+                with collector:
+                    for h, call in zip(hidden, inputs.calls[i], strict=True):
+                        outputs.append(run_block(block, h, call, device).to(h.device))
+                collector.check_finite(i)
+                changed = on_block(i, f"{blocks_name}.{i}", block, collector.stats)
+                del collector
+                if changed:
+                    outputs = [
+                        run_block(block, h, call, device).to(h.device)
+                        for h, call in zip(hidden, inputs.calls[i], strict=True)
+                    ]
+                hidden = outputs
+            finally:
+                # Also on failure (NaN activations, an interrupt), so that the model is not
+                # left with one block on the accelerator.
+                if offload:
+                    block.to(block_home)

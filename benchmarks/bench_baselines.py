@@ -1,0 +1,798 @@
+#!/usr/bin/env python3
+"""Baseline pruning benchmark: magnitude / Wanda / RIA / SparseGPT on one model.
+
+For every configuration (dense, then each method at each sparsity layout) the script starts
+from a freshly loaded model, prunes it with :func:`optishear_lightning.pruning.prune` on
+calibration windows drawn from C4 train (Wanda's ``get_c4`` sampling, seed 0), and measures
+WikiText-2 test perplexity with :func:`optishear_lightning.evaluation.perplexity` (the
+Wanda/SparseGPT protocol: non-overlapping windows, token NLL averaged over all of them).
+It also records the wall time and the peak memory of each prune.
+
+Results are written after every configuration, to a JSON file (raw numbers) and a Markdown
+report (machine, versions, exact command line, protocol, table), so an interrupted run keeps
+what it finished; ``--resume`` skips the configurations already in the JSON file.
+
+How each configuration gets a fresh model (``--fresh``):
+
+* ``subprocess`` (default on CPU): each configuration runs in its own Python process that
+  calls ``load_model`` again. The process peak RSS (``ru_maxrss``) is then that configuration's
+  own, which is the only honest way to report peak RSS on the CPU.
+* ``reload``: ``load_model`` again in this process.
+* ``restore`` (default on CUDA): load once and copy the original weights back (from a CPU copy
+  taken right after loading) before each configuration. Same weights as a reload, without
+  de-quantising the GGUF file again for every configuration.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` reset right before the prune (the
+model's own weights, which live on the GPU, are included). On the CPU, the peak resident set
+size sampled every 5 ms during the prune (includes the loaded model), plus the process
+``ru_maxrss`` in the JSON file.
+
+Example (the CPU reduced protocol of ``benchmarks/results/baselines_cpu.md``)::
+
+    python benchmarks/bench_baselines.py --nsamples 32 --seqlen 512 --eval-seqlen 512 \\
+        --eval-windows 64 --configs 0.5 2:4 --out benchmarks/results/baselines_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CALIB = REPO_ROOT / ".." / "shared" / "data" / "c4" / "c4-train.00000-of-01024.head1041.jsonl"
+DEFAULT_EVAL = REPO_ROOT / ".." / "shared" / "data" / "wikitext2" / "wiki.test.raw"
+ALL_METHODS = ("magnitude", "wanda", "ria", "sparsegpt")
+ALL_CONFIGS = ("0.5", "2:4", "4:8", "0.6", "0.7")
+MiB = 2**20
+
+# Let `python benchmarks/bench_baselines.py` work from a source checkout that is not installed.
+if (REPO_ROOT / "src" / "optishear_lightning").is_dir():
+    sys.path.insert(0, str(REPO_ROOT / "src"))
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations
+# --------------------------------------------------------------------------------------------
+
+
+def parse_config(text: str) -> dict[str, Any]:
+    """``"dense"``, ``"0.5"`` (unstructured 50%), ``"unstructured:0.5"`` or ``"2:4"``."""
+    t = text.strip().lower()
+    if t == "dense":
+        return {"config": "dense", "pattern": "dense", "sparsity": 0.0}
+    t = t.removeprefix("unstructured").lstrip(":-_ ")
+    m = re.fullmatch(r"(\d+)\s*:\s*(\d+)", t)
+    if m:
+        n, mm = int(m.group(1)), int(m.group(2))
+        if not 1 <= n < mm:
+            raise argparse.ArgumentTypeError(f"bad N:M pattern {text!r}")
+        return {"config": f"{n}:{mm}", "pattern": f"{n}:{mm}", "sparsity": (mm - n) / mm}
+    try:
+        s = float(t.rstrip("%")) / (100 if t.endswith("%") else 1)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"unknown configuration {text!r}: use dense, a sparsity such as 0.5, or N:M such as 2:4"
+        ) from err
+    if not 0 < s < 1:
+        raise argparse.ArgumentTypeError(f"sparsity must be in (0, 1), got {text!r}")
+    return {"config": f"unstructured {s:g}", "pattern": "unstructured", "sparsity": s}
+
+
+def build_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    runs = []
+    if args.dense:
+        runs.append({**parse_config("dense"), "method": "dense"})
+    for cfg in args.configs:
+        c = parse_config(cfg)
+        if c["pattern"] == "dense":
+            continue
+        for method in args.methods:
+            runs.append({**c, "method": method})
+    for r in runs:
+        r["key"] = f"{r['config']}|{r['method']}"
+    return runs
+
+
+# --------------------------------------------------------------------------------------------
+# Environment description
+# --------------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _ram_bytes() -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def _package_version(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        pass
+    if name == "optishear-lightning":
+        with contextlib.suppress(OSError):
+            m = re.search(r'^version\s*=\s*"([^"]+)"', (REPO_ROOT / "pyproject.toml").read_text(), re.M)
+            if m:
+                return f"{m.group(1)} (source tree, not installed)"
+    return "not installed"
+
+
+def _git_revision() -> str | None:
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no", "src"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        return rev + (" (src/ modified)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def describe_environment(device: str) -> dict[str, Any]:
+    import torch
+
+    env: dict[str, Any] = {
+        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "hostname": platform.node(),
+        "os": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "ram_bytes": _ram_bytes(),
+        "gpu": None,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": _package_version("transformers"),
+            "optishear_lightning": _package_version("optishear-lightning"),
+            "gguf": _package_version("gguf"),
+            "torchmetrics": _package_version("torchmetrics"),
+        },
+        "git_revision": _git_revision(),
+    }
+    if torch.cuda.is_available():
+        index = torch.device(device).index or 0 if device.startswith("cuda") else 0
+        props = torch.cuda.get_device_properties(index)
+        env["gpu"] = {
+            "name": torch.cuda.get_device_name(index),
+            "memory_bytes": props.total_memory,
+            "count": torch.cuda.device_count(),
+            "cuda": torch.version.cuda,
+        }
+    return env
+
+
+# --------------------------------------------------------------------------------------------
+# Memory measurement
+# --------------------------------------------------------------------------------------------
+
+
+def _current_rss() -> int | None:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def _ru_maxrss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class RssSampler:
+    """Peak of the process's current RSS, sampled every ``interval`` seconds in a thread."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peak = _current_rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            rss = _current_rss()
+            if rss is not None and (self.peak is None or rss > self.peak):
+                self.peak = rss
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        rss = _current_rss()
+        if rss is not None and (self.peak is None or rss > self.peak):
+            self.peak = rss
+
+
+# --------------------------------------------------------------------------------------------
+# One configuration
+# --------------------------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_config(
+    run: dict[str, Any], model: Any, calib: Any, tokens: Any, opts: dict[str, Any]
+) -> dict[str, Any]:
+    """Prune ``model`` (already fresh) as ``run`` says and measure perplexity."""
+    import torch
+
+    from optishear_lightning.evaluation import perplexity
+    from optishear_lightning.pruning import prune
+
+    device = opts["device"]
+    out: dict[str, Any] = {k: run[k] for k in ("key", "config", "method", "pattern", "sparsity")}
+    out["rss_before_prune_bytes"] = _current_rss()
+    out["ru_maxrss_before_prune_bytes"] = _ru_maxrss()
+    if run["method"] != "dense":
+        nm = run["pattern"] != "unstructured"
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with RssSampler() as sampler:
+            started = time.perf_counter()
+            result = prune(
+                model,
+                calib,
+                run["method"],
+                None if nm else run["sparsity"],
+                run["pattern"] if nm else "unstructured",
+                device=device,
+                batch_size=opts["batch_size"],
+                keep_masks=False,
+            )
+            _sync(device)
+            out["prune_s"] = time.perf_counter() - started
+        out["prune_s_engine"] = result.seconds
+        out["overall_sparsity"] = result.overall_sparsity
+        out["engine_peak_memory"] = dict(result.peak_memory)
+        out["rss_peak_during_prune_bytes"] = sampler.peak
+        out["ru_maxrss_after_prune_bytes"] = _ru_maxrss()
+        if device.startswith("cuda"):
+            out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+            out["cuda_peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        log(f"{run['key']}: pruned in {out['prune_s']:.1f}s, sparsity {result.overall_sparsity:.4f}")
+    started = time.perf_counter()
+    ppl = perplexity(
+        model,
+        tokens,
+        seq_len=opts["eval_seqlen"],
+        batch_size=opts["eval_batch_size"],
+        max_windows=opts["eval_windows"],
+    )
+    _sync(device)
+    out["eval_s"] = time.perf_counter() - started
+    out["ppl"] = ppl
+    log(f"{run['key']}: perplexity {ppl:.3f} ({out['eval_s']:.1f}s)")
+    return out
+
+
+def _load(opts: dict[str, Any]) -> tuple[Any, float]:
+    from optishear_lightning.models import load_model
+
+    started = time.perf_counter()
+    model = load_model(opts["model"], dtype=opts["dtype"], device=opts["device"])
+    _sync(opts["device"])
+    return model, time.perf_counter() - started
+
+
+def model_info(model: Any) -> dict[str, int]:
+    from optishear_lightning.models import find_decoder_blocks, find_prunable_linears
+
+    _, blocks = find_decoder_blocks(model)
+    return {
+        "n_blocks": len(blocks),
+        "n_prunable": sum(
+            lin.weight.numel() for b in blocks for lin in find_prunable_linears(b).values()
+        ),
+        # Tied embeddings / LM head are one tensor: count each parameter once.
+        "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+    }
+
+
+def _safe_run(run, make_model, calib, tokens, opts) -> dict[str, Any]:
+    try:
+        model, load_s = make_model()
+        res = run_config(run, model, calib, tokens, opts)
+        res["model_load_s"] = load_s
+        return res
+    except Exception as err:  # record and go on with the next configuration
+        log(f"{run['key']}: FAILED: {err!r}")
+        return {
+            **{k: run[k] for k in ("key", "config", "method", "pattern", "sparsity")},
+            "error": f"{type(err).__name__}: {err}",
+            "traceback": traceback.format_exc(),
+        }
+
+
+def worker_main(spec_path: str, result_path: str) -> int:
+    """Entry point of one configuration in a fresh process (``--fresh subprocess``)."""
+    import torch
+
+    spec = json.loads(Path(spec_path).read_text())
+    opts, run = spec["opts"], spec["run"]
+    data = torch.load(spec["data_path"])
+    info: dict[str, Any] = {}
+
+    def make_model():
+        model, load_s = _load(opts)
+        info.update(model_info(model))
+        return model, load_s
+
+    res = _safe_run(run, make_model, data["calib"], data["tokens"], opts)
+    res["model_info"] = info
+    res["ru_maxrss_process_bytes"] = _ru_maxrss()
+    Path(result_path).write_text(json.dumps(res))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _mib(value: Any) -> str:
+    return "–" if value is None else f"{value / MiB:,.0f} MiB"
+
+
+def _fmt_ppl(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.2f}" if value < 1e4 else f"{value:.3g}"
+
+
+def peak_memory_cell(res: dict[str, Any], device: str) -> str:
+    if res.get("method") == "dense" or "error" in res:
+        return "–"
+    if device.startswith("cuda"):
+        return _mib(res.get("cuda_peak_allocated_bytes"))
+    return _mib(res.get("rss_peak_during_prune_bytes"))
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    env, proto, opts = report["environment"], report["protocol"], report["options"]
+    device = opts["device"]
+    results = {r["key"]: r for r in report["results"]}
+    lines = [f"# Baselines: {opts['model_id']} — magnitude / Wanda / RIA / SparseGPT", ""]
+    lines += [
+        f"- Date: {env['date_utc']}"
+        + (f" (last update {report['updated_utc']})" if report.get("updated_utc") else ""),
+        f"- Status: {report['status']}",
+    ]
+    if report.get("resumed_from"):
+        rf = report["resumed_from"]
+        lines.append(
+            f"- Resumed: {rf['n_results']} configuration(s) come from an earlier run of the same "
+            f"protocol started {rf['date_utc']} (`--resume`)"
+        )
+    gpu = env.get("gpu")
+    machine = f"{env['cpu']}, {env['cpu_cores']} CPU cores"
+    if env.get("cpu_affinity") and env["cpu_affinity"] != env["cpu_cores"]:
+        machine += f" ({env['cpu_affinity']} usable)"
+    machine += f", torch threads {env['torch_threads']}"
+    if env.get("ram_bytes"):
+        machine += f", {env['ram_bytes'] / 2**30:.0f} GiB RAM"
+    if gpu:
+        machine += f"; GPU: {gpu['name']} ({gpu['memory_bytes'] / 2**30:.0f} GiB, CUDA {gpu['cuda']})"
+    else:
+        machine += "; no GPU"
+    lines.append(f"- Machine: {machine}")
+    v = env["versions"]
+    lines.append(
+        f"- Versions: python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, "
+        f"optishear_lightning {v['optishear_lightning']}, gguf {v['gguf']}, "
+        f"torchmetrics {v['torchmetrics']}"
+        + (f"; git {env['git_revision']}" if env.get("git_revision") else "")
+    )
+    lines += ["- Command:", "", "  ```", f"  {report['command']}", "  ```", ""]
+    for note in opts.get("notes") or []:
+        lines.append(f"- Note: {note}")
+    lines += ["", "## Protocol", ""]
+    lines += [f"- {item}" for item in proto["text"]]
+    lines += ["", "## Results", ""]
+    lines += [
+        "| config | method | ppl | prune time s | peak memory |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for run in report["runs"]:
+        res = results.get(run["key"])
+        if res is None:
+            lines.append(f"| {run['config']} | {run['method']} | not run | – | – |")
+            continue
+        if "error" in res:
+            lines.append(
+                f"| {run['config']} | {run['method']} | failed: {res['error'][:80]} | – | – |"
+            )
+            continue
+        prune_s = "–" if res.get("prune_s") is None else f"{res['prune_s']:.1f}"
+        lines.append(
+            f"| {run['config']} | {run['method']} | {_fmt_ppl(res.get('ppl'))} | {prune_s} "
+            f"| {peak_memory_cell(res, device)} |"
+        )
+    lines += [""]
+    if device.startswith("cuda"):
+        lines.append(
+            "Peak memory: `torch.cuda.max_memory_allocated` over the prune, reset right before "
+            "it; the model's weights live on the GPU and are included "
+            f"({_mib(opts.get('weights_bytes'))} of parameters)."
+        )
+    else:
+        lines.append(
+            "Peak memory: peak resident set size of the process, sampled every 5 ms during the "
+            "prune; it includes the loaded model "
+            f"({_mib(opts.get('weights_bytes'))} of parameters) and the Python/torch runtime. "
+            + (
+                "Each configuration ran in its own process (`--fresh subprocess`)."
+                if opts["fresh"] == "subprocess"
+                else "All configurations ran in one process, so freed memory kept by the "
+                "allocator can inflate later rows."
+            )
+        )
+    lines += ["", "### Details", ""]
+    lines += [
+        "| config | method | achieved sparsity | Δ ppl vs dense | eval s | model load s "
+        "| RSS before prune | ru_maxrss (process) | CUDA peak reserved |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    dense = results.get("dense|dense", {}).get("ppl")
+    for run in report["runs"]:
+        res = results.get(run["key"])
+        if res is None or "error" in res:
+            continue
+        sp = res.get("overall_sparsity")
+        delta = (
+            "–" if dense is None or res["method"] == "dense" or res.get("ppl") is None
+            else f"{res['ppl'] - dense:+.2f}"
+        )
+        maxrss = res.get("ru_maxrss_process_bytes", res.get("ru_maxrss_after_prune_bytes"))
+        lines.append(
+            f"| {run['config']} | {run['method']} | {'–' if sp is None else f'{sp:.4f}'} "
+            f"| {delta} | {res['eval_s']:.1f} | {res.get('model_load_s', float('nan')):.1f} "
+            f"| {_mib(res.get('rss_before_prune_bytes'))} | {_mib(maxrss)} "
+            f"| {_mib(res.get('cuda_peak_reserved_bytes'))} |"
+        )
+    lines.append("")
+    failed = [r for r in report["results"] if "error" in r]
+    if failed:
+        lines += ["### Failures", ""]
+        for r in failed:
+            lines += [f"- {r['key']}: `{r['error']}`"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def protocol_text(opts: dict[str, Any], n_eval_tokens: int) -> list[str]:
+    total_windows = n_eval_tokens // opts["eval_seqlen"]
+    used = total_windows if opts["eval_windows"] is None else min(total_windows, opts["eval_windows"])
+    if used == total_windows:
+        eval_desc = (
+            f"all {total_windows} non-overlapping windows of {opts['eval_seqlen']} tokens "
+            f"(full test set: {n_eval_tokens:,} tokens, the {n_eval_tokens - used * opts['eval_seqlen']} "
+            "left over at the end dropped, as in the papers)"
+        )
+    else:
+        eval_desc = (
+            f"only the FIRST {used} of the {total_windows} non-overlapping windows of "
+            f"{opts['eval_seqlen']} tokens ({used * opts['eval_seqlen']:,} of {n_eval_tokens:,} "
+            "tokens) — a reduced protocol, NOT the full test set, so the numbers are not "
+            "directly comparable with published ones"
+        )
+    std = (
+        opts["nsamples"] == 128 and opts["seqlen"] == 2048 and opts["eval_seqlen"] == 2048
+        and used == total_windows
+    )
+    return [
+        f"Model: `{opts['model']}` (id `{opts['model_id']}`), loaded with `load_model` in "
+        f"{opts['dtype']} on {opts['device']}"
+        + (" — a Q4_1 GGUF checkpoint de-quantised on load" if "gguf" in opts["model"].lower()
+           or opts["model_id"] == "smollm2-135m" else "")
+        + f"; {opts.get('n_blocks', '?')} decoder blocks, {opts.get('n_prunable', 0):,} prunable linear weights "
+        "(embeddings and LM head are never pruned).",
+        f"Calibration: {opts['nsamples']} windows of {opts['seqlen']} tokens drawn from "
+        f"`{opts['calib_display']}` with `calibration_windows(..., seed=0)` (Wanda/SparseGPT "
+        "`get_c4` sampling); one set shared by every method; batch size "
+        f"{opts['batch_size']}. Magnitude ignores it.",
+        f"Evaluation: WikiText-2 test (`{opts['eval_display']}`) tokenised once with "
+        f"`evaluation_tokens`; perplexity with `perplexity(seq_len={opts['eval_seqlen']}, "
+        f"max_windows={opts['eval_windows']})` over {eval_desc}; eval batch size "
+        f"{opts['eval_batch_size']}.",
+        "Pruning: `prune(model, calib, method, sparsity, pattern, device=..., batch_size=...)`, "
+        "sequential block by block (each block's inputs come from the already-pruned previous "
+        "blocks), every `nn.Linear` of every decoder block; unstructured = per-output-row "
+        "comparison group (Wanda's); N:M along the input dimension; SparseGPT with 128-column "
+        "blocks and 1% dampening.",
+        "Fresh model for every configuration: "
+        + {
+            "subprocess": "a new Python process that calls `load_model` again.",
+            "reload": "`load_model` again in the same process.",
+            "restore": "loaded once; the original weights are copied back from a CPU copy "
+            "before every configuration (checked tensor by tensor to equal the loaded weights).",
+        }[opts["fresh"]],
+        "Prune time: wall time of the `prune` call (calibration forward passes included; model "
+        "loading and tokenisation excluded).",
+        "This is the literature's standard protocol (128 × 2048 C4 calibration, full WikiText-2 "
+        "test at 2048)." if std else
+        "This is NOT the literature's standard protocol (128 × 2048 C4 calibration, full "
+        "WikiText-2 test at 2048): see the numbers above.",
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="smollm2-135m", help="built-in name, GGUF file, directory or hub id")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
+    p.add_argument("--calib", default=str(DEFAULT_CALIB), help="calibration source: path or name (c4, wikitext2...)")
+    p.add_argument("--eval", default=str(DEFAULT_EVAL), help="WikiText-2 test: path (wiki.test.raw) or 'wikitext2'")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=2048, help="calibration window length")
+    p.add_argument("--eval-seqlen", type=int, default=2048, help="evaluation window length")
+    p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows (default: all)")
+    p.add_argument("--eval-batch-size", type=int, default=1, help="windows per forward pass in perplexity")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass in prune")
+    p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
+    p.add_argument(
+        "--configs", nargs="+", default=list(ALL_CONFIGS),
+        help="sparsity layouts: a ratio (unstructured, e.g. 0.5) or N:M (e.g. 2:4)",
+    )
+    p.add_argument("--no-dense", dest="dense", action="store_false", help="skip the dense baseline")
+    p.add_argument(
+        "--fresh", choices=("auto", "subprocess", "reload", "restore"), default="auto",
+        help="how each configuration gets a fresh model (auto: subprocess on CPU, restore on CUDA)",
+    )
+    p.add_argument("--out", default=None, help="Markdown report (default: next to --json, or stdout only)")
+    p.add_argument("--json", default=None, help="raw results, rewritten after every configuration (default: --out with .json)")
+    p.add_argument("--resume", action="store_true", help="skip configurations already in --json (same protocol)")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds: start no configuration after this much time (plus the longest one so far)")
+    p.add_argument("--note", action="append", default=[], help="free-text note for the report (repeatable)")
+    p.add_argument("--_worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._worker:
+        return args
+    for c in args.configs:
+        try:
+            parse_config(c)
+        except argparse.ArgumentTypeError as err:
+            p.error(str(err))
+    if args.out is None and args.json is None:
+        p.error("give --out and/or --json")
+    if args.json is None:
+        args.json = str(Path(args.out).with_suffix(".json"))
+    if args.eval_windows is not None and args.eval_windows < 1:
+        p.error("--eval-windows must be >= 1")
+    return args
+
+
+def _display_path(value: str) -> str:
+    path = Path(value)
+    if not path.exists():
+        return value
+    with contextlib.suppress(ValueError):
+        return os.path.relpath(path.resolve(), REPO_ROOT.resolve())
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args._worker:
+        return worker_main(*args._worker)
+
+    import torch
+
+    from optishear_lightning.data import calibration_windows, evaluation_tokens
+    from optishear_lightning.models import load_tokenizer, resolve_model_source
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    fresh = args.fresh if args.fresh != "auto" else ("restore" if device.startswith("cuda") else "subprocess")
+    source = resolve_model_source(args.model)
+    runs = build_runs(args)
+    command = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    json_path = Path(args.json)
+    md_path = Path(args.out) if args.out else None
+
+    log(f"{len(runs)} configurations: {', '.join(r['key'] for r in runs)}")
+    started_all = time.perf_counter()
+    tokenizer = load_tokenizer(source)
+    t0 = time.perf_counter()
+    tokens = evaluation_tokens(args.eval, tokenizer)
+    calib = calibration_windows(args.calib, tokenizer, args.nsamples, args.seqlen, seed=0)
+    log(f"tokens: eval {tokens.numel():,}, calibration {tuple(calib.shape)} ({time.perf_counter() - t0:.1f}s)")
+
+    opts: dict[str, Any] = {
+        "model": args.model, "model_id": source.model_id, "dtype": args.dtype, "device": device,
+        "calib": args.calib, "eval": args.eval,
+        "calib_display": _display_path(args.calib), "eval_display": _display_path(args.eval),
+        "nsamples": args.nsamples, "seqlen": args.seqlen, "eval_seqlen": args.eval_seqlen,
+        "eval_windows": args.eval_windows, "eval_batch_size": args.eval_batch_size,
+        "batch_size": args.batch_size, "fresh": fresh, "notes": args.note,
+    }
+    protocol_keys = ("model_id", "dtype", "device", "nsamples", "seqlen", "eval_seqlen", "eval_windows")
+
+    previous: list[dict[str, Any]] = []
+    resumed_from = None
+    if args.resume and json_path.is_file():
+        old = json.loads(json_path.read_text())
+        mismatch = [k for k in protocol_keys if old.get("options", {}).get(k) != opts[k]]
+        if mismatch:
+            raise SystemExit(f"--resume: {json_path} was made with a different {', '.join(mismatch)}")
+        previous = [r for r in old.get("results", []) if "error" not in r]
+        for k in ("n_blocks", "n_prunable", "weights_bytes"):
+            if k in old.get("options", {}):
+                opts.setdefault(k, old["options"][k])
+        resumed_from = old.get("environment", {}).get("date_utc")
+        log(f"resuming: {len(previous)} configurations already done in {json_path}")
+
+    model = None
+    make_model = None
+    if fresh in ("reload", "restore"):
+        model, first_load_s = _load(opts)
+        if fresh == "restore":
+            original = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            loads = [first_load_s]
+
+            def make_model():
+                with torch.no_grad():
+                    if not loads:
+                        t = time.perf_counter()
+                        model.load_state_dict(original)
+                        _sync(device)
+                        loads.append(time.perf_counter() - t)
+                    same = all(
+                        torch.equal(v.detach().cpu(), original[k])
+                        for k, v in model.state_dict().items()
+                    )
+                if not same:
+                    raise RuntimeError("restoring the original weights failed (they differ)")
+                return model, loads.pop()
+        else:
+            loads = [first_load_s]
+
+            def make_model():
+                nonlocal model
+                if loads:
+                    return model, loads.pop()
+                model = None
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                model, s = _load(opts)
+                return model, s
+        opts.update(model_info(model))
+    report: dict[str, Any] = {
+        "environment": describe_environment(device),
+        "command": command,
+        "options": opts,
+        "protocol": {"n_eval_tokens": tokens.numel()},
+        "runs": runs,
+        "results": list(previous),
+        "status": "running",
+    }
+    if previous:
+        report["resumed_from"] = {"date_utc": resumed_from, "n_results": len(previous)}
+
+    def save(status: str) -> None:
+        report["status"] = status
+        report["protocol"]["text"] = protocol_text(opts, tokens.numel())
+        report["updated_utc"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        _write_atomic(json_path, json.dumps(report, indent=2))
+        if md_path is not None:
+            _write_atomic(md_path, render_markdown(report))
+
+    save("running")
+    done = {r["key"] for r in previous}
+    longest = 0.0
+    tmpdir = None
+    data_path = None
+    if fresh == "subprocess":
+        tmpdir = tempfile.TemporaryDirectory(prefix="bench_baselines_")
+        data_path = os.path.join(tmpdir.name, "data.pt")
+        torch.save({"calib": calib, "tokens": tokens}, data_path)
+    stopped_early = False
+    try:
+        for i, run in enumerate(runs):
+            if run["key"] in done:
+                continue
+            elapsed = time.perf_counter() - started_all
+            if args.time_budget is not None and elapsed + longest > args.time_budget:
+                log(f"time budget reached after {elapsed:.0f}s: stopping before {run['key']}")
+                stopped_early = True
+                break
+            log(f"[{i + 1}/{len(runs)}] {run['key']}")
+            t = time.perf_counter()
+            if fresh == "subprocess":
+                spec = os.path.join(tmpdir.name, f"spec{i}.json")
+                result = os.path.join(tmpdir.name, f"result{i}.json")
+                Path(spec).write_text(json.dumps({"opts": opts, "run": run, "data_path": data_path}))
+                proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_worker", spec, result])
+                if proc.returncode != 0 or not os.path.exists(result):
+                    res = {**{k: run[k] for k in ("key", "config", "method", "pattern", "sparsity")},
+                           "error": f"worker process exited with code {proc.returncode}"}
+                else:
+                    res = json.loads(Path(result).read_text())
+                    for k, v in res.pop("model_info", {}).items():
+                        opts.setdefault(k, v)
+            else:
+                res = _safe_run(run, make_model, calib, tokens, opts)
+            res["wall_s"] = time.perf_counter() - t
+            longest = max(longest, res["wall_s"])
+            report["results"] = [r for r in report["results"] if r["key"] != run["key"]] + [res]
+            report["results"].sort(key=lambda r: [x["key"] for x in runs].index(r["key"]))
+            save("running")
+    finally:
+        if tmpdir is not None:
+            tmpdir.cleanup()
+    missing = [r["key"] for r in runs if r["key"] not in {x["key"] for x in report["results"]}]
+    status = "complete" if not missing else (
+        f"incomplete: {len(missing)} configuration(s) not run"
+        + (" (time budget)" if stopped_early else "")
+    )
+    if any("error" in r for r in report["results"]):
+        status += "; some configurations failed (see Failures)"
+    save(status)
+    log(f"done in {time.perf_counter() - started_all:.0f}s: {status}")
+    if md_path is not None:
+        print(render_markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
