@@ -11,6 +11,8 @@ from optishear_lightning.pruning import prune
 
 from .conftest import tiny_llama
 
+UNSTRUCTURED = parse_pattern("unstructured")
+
 
 def stats_from(x: torch.Tensor, gram: bool = False) -> LayerStats:
     x = x.reshape(-1, x.shape[-1]).float()
@@ -31,7 +33,7 @@ def test_new_metric_is_one_function():
 
     try:
         w = torch.tensor([[1.0, -3.0, 2.0, 0.5]])
-        keep = get_method("test_inverse_magnitude").prune_(w, None, 0.5, parse_pattern("unstructured"))
+        keep = get_method("test_inverse_magnitude").prune_(w, None, 0.5, UNSTRUCTURED)
         assert keep.tolist() == [[True, False, False, True]]
     finally:
         METHODS.pop("test_inverse_magnitude")
@@ -45,7 +47,7 @@ def brute_force_wanda(model, ids, sparsity):
         linears = find_prunable_linears(block)
         norms = {n: torch.zeros(m.in_features) for n, m in linears.items()}
 
-        def hook(mod, args, out, name):
+        def hook(mod, args, out, name, norms=norms):
             norms[name].add_(args[0].reshape(-1, mod.in_features).pow(2).sum(0))
 
         hooks = [
@@ -90,9 +92,7 @@ def test_ria_formula():
     x = torch.rand(100, 8) * torch.arange(1, 9)
     st = stats_from(x)
     # RIA's reference code: (|W|/colsum + |W|/rowsum) * (||X_j||_2)**0.5, per-row comparison.
-    ref = (w.abs() / w.abs().sum(0) + w.abs() / w.abs().sum(1, keepdim=True)) * x.norm(
-        dim=0
-    ).sqrt()
+    ref = (w.abs() / w.abs().sum(0) + w.abs() / w.abs().sum(1, keepdim=True)) * x.norm(dim=0).sqrt()
     ours = ria_score(w, st)
     ratio = ours / ref  # constant over the matrix: the masks cannot differ
     torch.testing.assert_close(ratio, torch.full_like(ratio, ratio[0, 0].item()))
@@ -125,9 +125,9 @@ def test_sparsegpt_exact_row_sparsity_odd_blocks():
     x = correlated_inputs(d=200)
     w = torch.randn(16, 200)
     pruned = w.clone()
-    keep = METHODS["sparsegpt"].prune_(pruned, stats_from(x, True), 0.55, parse_pattern("unstructured"))
+    keep = METHODS["sparsegpt"].prune_(pruned, stats_from(x, True), 0.55, UNSTRUCTURED)
     assert ((~keep).sum(1) == int(200 * 0.55)).all()
     assert (pruned[~keep] == 0).all()
     layer = w.clone()
-    keep = METHODS["sparsegpt"].prune_(layer, stats_from(x, True), 0.55, parse_pattern("unstructured"), "layer")
+    keep = METHODS["sparsegpt"].prune_(layer, stats_from(x, True), 0.55, UNSTRUCTURED, "layer")
     assert (~keep).sum() == int(16 * 200 * 0.55)
