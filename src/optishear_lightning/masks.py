@@ -158,20 +158,27 @@ def keep_mask_from_scores(
         raise ValueError("Unstructured pruning needs a sparsity in [0, 1).")
     sparsity = validate_sparsity(sparsity)
     if group == "row":
-        k = num_pruned(cols, sparsity)
-        keep = torch.ones_like(scores, dtype=torch.bool)
-        if k:
-            order = torch.sort(scores, dim=-1, stable=True).indices
-            keep.scatter_(-1, order[:, :k], False)
-        return keep
+        return ~_lowest_k(scores, num_pruned(cols, sparsity))
     if group == "layer":
-        k = num_pruned(scores.numel(), sparsity)
-        keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-        if k:
-            order = torch.sort(scores.flatten(), stable=True).indices
-            keep[order[:k]] = False
-        return keep.reshape(rows, cols)
+        flat = scores.reshape(1, -1)
+        return ~_lowest_k(flat, num_pruned(flat.shape[1], sparsity)).reshape(rows, cols)
     raise ValueError(f"Unknown comparison group {group!r}: use 'row' or 'layer'.")
+
+
+def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, ``True`` at the ``k`` lowest scores, ties going to the lower column index.
+
+    Equal to taking the first ``k`` of a stable ascending sort, in linear time: everything
+    below the k-th smallest value, plus as many of the values equal to it as are still
+    needed, leftmost first.
+    """
+    if k == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    kth = scores.kthvalue(k, dim=-1, keepdim=True).values
+    below = scores < kth
+    tied = scores == kth
+    still_needed = k - below.sum(-1, keepdim=True)
+    return below | (tied & (tied.cumsum(-1, dtype=torch.int32) <= still_needed))
 
 
 @torch.no_grad()
