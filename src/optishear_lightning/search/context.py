@@ -1,0 +1,220 @@
+"""Everything a search candidate shares, computed once, and the two objectives.
+
+The reference implementation reloads the model and re-runs the whole sequential calibration
+for each of its 300 trials. Here one dense calibration pass collects every linear layer's
+input statistics (and, for the screening proxy, input Gram matrices of a few blocks); the
+dense weights are kept; the dense model's final hidden states on the objective windows are
+cached. A candidate is then evaluated by re-masking the cached dense weights (no reload, no
+re-calibration) and running one forward pass on the objective windows.
+
+For the ratio search the metric is fixed, so each weight's rank inside its row is computed once
+and a candidate's mask for any ratio is a single comparison ``rank >= k``.
+
+Objective 1 is the Frobenius norm of (pruned - dense) *logits*, as in the paper. The logits are
+never stored: the cached dense final hidden states go through the LM head chunk by chunk next
+to the pruned ones (with Gemma's final soft-capping where the model has it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..calibration import LayerStats, run_sequential
+from ..masks import SparsityPattern, keep_mask_from_scores, num_pruned
+from ..models import find_decoder_blocks, find_prunable_linears
+from .space import MetaMetric
+
+__all__ = ["SearchContext"]
+
+
+def _rank_in_rows(scores: torch.Tensor) -> torch.Tensor:
+    """Position of each entry in its row's stable ascending order (0 = pruned first)."""
+    order = torch.sort(scores, dim=-1, stable=True).indices
+    dtype = torch.int16 if scores.shape[-1] < 2**15 else torch.int32
+    ranks = torch.empty_like(order, dtype=dtype)
+    positions = torch.arange(scores.shape[-1], device=scores.device, dtype=dtype)
+    ranks.scatter_(-1, order, positions.expand_as(order).contiguous())
+    return ranks
+
+
+class SearchContext:
+    """Cached dense state of a model for fast candidate evaluation.
+
+    Args:
+        model: the causal LM (its weights are modified by :meth:`apply` and restored by
+            :meth:`restore`).
+        calibration: ``(batch, seq_len)`` token batches for the activation statistics.
+        objective: ``(batch, seq_len)`` token batches for the model-wise objective.
+        pattern: mask layout.
+        group: comparison group for unstructured masks.
+        proxy_blocks: block indices whose input Gram matrices are kept for the proxy.
+        device: where the model runs (default: its device).
+        progress: progress bar for the calibration pass.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        calibration: Sequence[torch.Tensor],
+        objective: Sequence[torch.Tensor],
+        pattern: SparsityPattern,
+        group: str = "row",
+        proxy_blocks: Sequence[int] = (),
+        device: torch.device | str | None = None,
+        progress: bool = False,
+    ):
+        self.model = model
+        self.pattern = pattern
+        self.group = group
+        self.device = (
+            torch.device(device) if device is not None else next(model.parameters()).device
+        )
+        blocks_name, blocks = find_decoder_blocks(model)
+        self.n_blocks = len(blocks)
+        self.linears: list[dict[str, nn.Linear]] = []
+        self.names: list[list[str]] = []
+        for i, block in enumerate(blocks):
+            linears = find_prunable_linears(block)
+            self.linears.append(linears)
+            self.names.append([f"{blocks_name}.{i}.{n}.weight" for n in linears])
+        self.dense = {
+            fqn: lin.weight.detach().clone()
+            for names, linears in zip(self.names, self.linears, strict=True)
+            for fqn, lin in zip(names, linears.values(), strict=True)
+        }
+        self.shapes = {fqn: list(w.shape) for fqn, w in self.dense.items()}
+        self.proxy_blocks = sorted(set(proxy_blocks))
+        self.stats: dict[str, LayerStats] = {}
+        proxy = set(self.proxy_blocks)
+
+        def collect(index: int, block_name: str, block: nn.Module, stats: dict) -> bool:
+            shared: list[LayerStats] = []
+            for name, st in stats.items():
+                # q/k/v (and gate/up) see the same input: keep one Gram matrix for them.
+                for other in shared:
+                    if other.n_tokens == st.n_tokens and torch.equal(other.sq_sum, st.sq_sum):
+                        st.gram = other.gram
+                        break
+                else:
+                    shared.append(st)
+                self.stats[f"{block_name}.{name}.weight"] = st
+            return False
+
+        run_sequential(
+            model,
+            calibration,
+            collect,
+            device=self.device,
+            gram_for=_GramSelector(self, proxy) if proxy else None,
+            progress=progress,
+        )
+        self.objective = [b.to(self.device) for b in objective]
+        self.dense_hidden = [self._final_hidden(b) for b in self.objective]
+        self._ranks: dict[str, torch.Tensor] = {}
+        self._ranked_metric: MetaMetric | None = None
+        self.numel = {fqn: w.numel() for fqn, w in self.dense.items()}
+
+    # Candidate application -----------------------------------------------------------------
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the dense weights back."""
+        for linears, names in zip(self.linears, self.names, strict=True):
+            for lin, fqn in zip(linears.values(), names, strict=True):
+                lin.weight.data.copy_(self.dense[fqn])
+
+    def _prepare_ranks(self, metric: MetaMetric) -> None:
+        if self._ranked_metric == metric:
+            return
+        self._ranks = {
+            fqn: _rank_in_rows(metric.score(self.dense[fqn], self.stats[fqn])) for fqn in self.dense
+        }
+        self._ranked_metric = metric
+
+    @torch.no_grad()
+    def apply(self, metric: MetaMetric, ratios: Sequence[float]) -> None:
+        """Set the model's weights to the dense weights pruned by ``metric`` at ``ratios``."""
+        if self.pattern.is_nm or self.group != "row":
+            for linears, names, ratio in zip(self.linears, self.names, ratios, strict=True):
+                for lin, fqn in zip(linears.values(), names, strict=True):
+                    scores = metric.score(self.dense[fqn], self.stats[fqn])
+                    keep = keep_mask_from_scores(scores, ratio, self.pattern, self.group)
+                    torch.mul(self.dense[fqn], keep, out=lin.weight.data)
+            return
+        self._prepare_ranks(metric)
+        for linears, names, ratio in zip(self.linears, self.names, ratios, strict=True):
+            for lin, fqn in zip(linears.values(), names, strict=True):
+                k = num_pruned(lin.in_features, ratio)
+                torch.mul(self.dense[fqn], self._ranks[fqn] >= k, out=lin.weight.data)
+
+    # Objectives ----------------------------------------------------------------------------
+    def _final_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.get_output_embeddings()(hidden).float()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @torch.no_grad()
+    def logit_error(self, chunk: int = 512) -> float:
+        """Frobenius norm of (current - dense) logits over all objective tokens."""
+        total = 0.0
+        for ids, dense in zip(self.objective, self.dense_hidden, strict=True):
+            hidden = self._final_hidden(ids)
+            for start in range(0, hidden.shape[1], chunk):
+                part = slice(start, start + chunk)
+                diff = self._logits(hidden[:, part]) - self._logits(dense[:, part])
+                total += diff.pow(2).sum().item()
+        return math.sqrt(total)
+
+    def achieved_sparsity(self, ratios: Sequence[float]) -> float:
+        """Global sparsity over all prunable weights that ``ratios`` give (exact, no pruning)."""
+        if self.pattern.is_nm:
+            return self.pattern.sparsity
+        pruned = 0
+        for names, ratio in zip(self.names, ratios, strict=True):
+            for fqn in names:
+                rows, cols = self.shapes[fqn]
+                if self.group == "row":
+                    pruned += rows * num_pruned(cols, ratio)
+                else:
+                    pruned += num_pruned(rows * cols, ratio)
+        return pruned / sum(self.numel.values())
+
+    @torch.no_grad()
+    def proxy_error(self, metric: MetaMetric, sparsity: float | None) -> float:
+        """Mean relative layer reconstruction error ``||dW X|| / ||W X||`` over proxy blocks.
+
+        Uses the cached Gram matrices: ``||dW X||^2 = sum((dW G) * dW)`` with ``G = X^T X``.
+        """
+        errors = []
+        for b in self.proxy_blocks:
+            for fqn in self.names[b]:
+                w = self.dense[fqn].float()
+                st = self.stats[fqn]
+                keep = keep_mask_from_scores(
+                    metric.score(w, st), sparsity, self.pattern, self.group
+                )
+                delta = w * ~keep
+                gram = st.gram
+                err = ((delta @ gram) * delta).sum()
+                ref = ((w @ gram) * w).sum().clamp_min(torch.finfo(torch.float32).tiny)
+                errors.append((err / ref).clamp_min(0).sqrt().item())
+        return float(sum(errors) / max(len(errors), 1))
+
+
+class _GramSelector:
+    """``gram_for`` callback: Gram matrices only for the proxy blocks' linears."""
+
+    def __init__(self, ctx: SearchContext, blocks: set[int]):
+        self.ids = {id(lin) for b in blocks for lin in ctx.linears[b].values()}
+
+    def __call__(self, name: str, linear: nn.Linear) -> bool:
+        return id(linear) in self.ids

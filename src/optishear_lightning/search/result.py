@@ -1,0 +1,236 @@
+"""Search results and resumable search state, as JSON files.
+
+A :class:`SearchResult` is everything needed to prune again without searching: the chosen
+metric, one ratio per block, and what identifies the model it was found for (block count and
+every prunable weight's shape). The search *state* is the history of evaluated candidates; a
+search restarted with the same settings replays its (deterministic) trajectory, taking the
+objective values of candidates already evaluated from the history instead of recomputing them.
+Both files are written to a temporary file and renamed, so an interrupt never truncates them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..models import find_decoder_blocks, find_prunable_linears
+from .space import MetaMetric
+
+__all__ = ["SearchResult", "SearchState", "atomic_write_json", "layer_shapes", "versions"]
+
+FORMAT_VERSION = 1
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON to ``path`` via a temporary file in the same directory and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_json(path: str | os.PathLike, what: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist.")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{what} file {path} is corrupted or truncated ({err}); delete it (or restore a "
+            "good copy) and run again."
+        ) from None
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} is not an optishear-lightning {what.lower()} file of format version "
+            f"{FORMAT_VERSION}."
+        )
+    return data
+
+
+def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """Shape of every prunable weight, by fully qualified name."""
+    blocks_name, blocks = find_decoder_blocks(model)
+    return {
+        f"{blocks_name}.{i}.{name}.weight": list(lin.weight.shape)
+        for i, block in enumerate(blocks)
+        for name, lin in find_prunable_linears(block).items()
+    }
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that determine a search's numbers."""
+    import pymoo
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    return {
+        "optishear_lightning": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "pymoo": pymoo.__version__,
+        "python": platform.python_version(),
+    }
+
+
+@dataclass
+class SearchResult:
+    """The outcome of an OptiShear search.
+
+    Attributes:
+        metric: the chosen pruning metric.
+        ratios: sparsity of each decoder block.
+        target_sparsity: the requested global sparsity.
+        achieved_sparsity: global sparsity that ``ratios`` give over all prunable weights.
+        pattern: mask layout the search ran for.
+        group: comparison group.
+        candidates: the ratio values each block could take.
+        pareto_front: non-dominated ratio candidates, each
+            ``{"ratios", "error", "sparsity_gap"}``.
+        history: every evaluated candidate with its objectives, in evaluation order.
+        seed: the search seed.
+        model_id: the model's id (``config.optishear_model_id`` or ``name_or_path``).
+        layer_shapes: every prunable weight's shape, to refuse applying to another model.
+        settings: the search settings.
+        timing: seconds per phase, candidates evaluated, candidates per second.
+        versions: package versions.
+    """
+
+    metric: MetaMetric
+    ratios: list[float]
+    target_sparsity: float
+    achieved_sparsity: float
+    pattern: str = "unstructured"
+    group: str = "row"
+    candidates: list[float] = field(default_factory=list)
+    pareto_front: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+    seed: int = 0
+    model_id: str = ""
+    layer_shapes: dict[str, list[int]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["metric"] = self.metric.to_dict()
+        data["metric_formula"] = str(self.metric)
+        data["format_version"] = FORMAT_VERSION
+        data["kind"] = "search_result"
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchResult:
+        data = dict(data)
+        for key in ("format_version", "kind", "metric_formula"):
+            data.pop(key, None)
+        data["metric"] = MetaMetric.from_dict(data["metric"])
+        return cls(**data)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the result as JSON (atomically) and return the path."""
+        atomic_write_json(path, self.to_dict())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SearchResult:
+        """Read a result written by :meth:`save`.
+
+        Raises:
+            ValueError: a corrupted, truncated or foreign file.
+        """
+        data = _read_json(path, "Search result")
+        if data.get("kind") != "search_result":
+            raise ValueError(f"{path} is not a search result (kind={data.get('kind')!r}).")
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"Search result {path} is incomplete or malformed: {err}") from None
+
+    def check_compatible(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` unless ``model`` has the blocks and shapes searched for."""
+        shapes = layer_shapes(model)
+        _, blocks = find_decoder_blocks(model)
+        if len(blocks) != len(self.ratios):
+            raise ValueError(
+                f"This search result is for a model with {len(self.ratios)} decoder blocks "
+                f"({self.model_id}); the given model has {len(blocks)}. Search again for it."
+            )
+        if shapes != self.layer_shapes:
+            diff = sorted(
+                k
+                for k in shapes.keys() | self.layer_shapes.keys()
+                if shapes.get(k) != self.layer_shapes.get(k)
+            )
+            raise ValueError(
+                f"This search result was found for {self.model_id}, whose prunable layers "
+                f"differ from the given model's (first differences: {diff[:3]}). Search again "
+                "for this model."
+            )
+
+    def summary(self) -> str:
+        """Plain-text summary: the metric and the ratio of each block."""
+        lines = [
+            f"metric: {self.metric}",
+            f"target sparsity {self.target_sparsity:.4f}, achieved {self.achieved_sparsity:.4f}"
+            f" ({self.pattern}, {self.group})",
+            "block ratios: " + " ".join(f"{r:.2f}" for r in self.ratios),
+        ]
+        if self.timing:
+            lines.append(", ".join(f"{k}={v:.3g}" for k, v in self.timing.items()))
+        return "\n".join(lines)
+
+
+@dataclass
+class SearchState:
+    """Resumable search state: identity of the search and every evaluation made so far."""
+
+    fingerprint: dict[str, Any]
+    history: list[dict] = field(default_factory=list)
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_json(
+            path,
+            {
+                "format_version": FORMAT_VERSION,
+                "kind": "search_state",
+                "fingerprint": self.fingerprint,
+                "history": self.history,
+            },
+        )
+
+    @classmethod
+    def load_or_new(cls, path: str | os.PathLike | None, fingerprint: dict) -> SearchState:
+        """Resume from ``path`` if it exists (checking it is the same search), else start."""
+        if path is None or not Path(path).exists():
+            return cls(fingerprint)
+        data = _read_json(path, "Search state")
+        if data.get("kind") != "search_state" or not isinstance(data.get("history"), list):
+            raise ValueError(f"{path} is not a search state file; delete it and run again.")
+        saved = json.loads(json.dumps(data.get("fingerprint")))
+        wanted = json.loads(json.dumps(fingerprint))
+        if saved != wanted:
+            changed = sorted(
+                k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k)
+            )
+            raise ValueError(
+                f"Search state {path} belongs to a different search (differs in {changed}); "
+                "use another state path or delete it to start over."
+            )
+        return cls(fingerprint, data["history"])
