@@ -55,7 +55,9 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CALIB = REPO_ROOT / ".." / "shared" / "data" / "c4" / "c4-train.00000-of-01024.head1041.jsonl"
+DEFAULT_CALIB = (
+    REPO_ROOT / ".." / "shared" / "data" / "c4" / "c4-train.00000-of-01024.head1041.jsonl"
+)
 DEFAULT_EVAL = REPO_ROOT / ".." / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 ALL_METHODS = ("magnitude", "wanda", "ria", "sparsegpt")
 ALL_CONFIGS = ("0.5", "2:4", "4:8", "0.6", "0.7")
@@ -139,21 +141,42 @@ def _package_version(name: str) -> str:
         pass
     if name == "optishear-lightning":
         with contextlib.suppress(OSError):
-            m = re.search(r'^version\s*=\s*"([^"]+)"', (REPO_ROOT / "pyproject.toml").read_text(), re.M)
+            m = re.search(
+                r'^version\s*=\s*"([^"]+)"', (REPO_ROOT / "pyproject.toml").read_text(), re.M
+            )
             if m:
                 return f"{m.group(1)} (source tree, not installed)"
     return "not installed"
+
+
+def src_digest() -> str | None:
+    """SHA-256 (12 hex digits) of the engine's source files, to tell which code a row ran."""
+    import hashlib
+
+    files = sorted((REPO_ROOT / "src" / "optishear_lightning").glob("*.py"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
 
 
 def _git_revision() -> str | None:
     try:
         rev = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no", "src"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
         return rev + (" (src/ modified)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -182,6 +205,7 @@ def describe_environment(device: str) -> dict[str, Any]:
             "torchmetrics": _package_version("torchmetrics"),
         },
         "git_revision": _git_revision(),
+        "src_digest": src_digest(),
     }
     if torch.cuda.is_available():
         index = torch.device(device).index or 0 if device.startswith("cuda") else 0
@@ -296,7 +320,9 @@ def run_config(
         if device.startswith("cuda"):
             out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
             out["cuda_peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
-        log(f"{run['key']}: pruned in {out['prune_s']:.1f}s, sparsity {result.overall_sparsity:.4f}")
+        log(
+            f"{run['key']}: pruned in {out['prune_s']:.1f}s, sparsity {result.overall_sparsity:.4f}"
+        )
     started = time.perf_counter()
     ppl = perplexity(
         model,
@@ -367,6 +393,7 @@ def worker_main(spec_path: str, result_path: str) -> int:
     res = _safe_run(run, make_model, data["calib"], data["tokens"], opts)
     res["model_info"] = info
     res["ru_maxrss_process_bytes"] = _ru_maxrss()
+    res["src_digest"] = src_digest()
     Path(result_path).write_text(json.dumps(res))
     return 0
 
@@ -390,7 +417,9 @@ def _mib(value: Any) -> str:
 def _fmt_ppl(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    return f"{value:.2f}" if value < 1e4 else f"{value:.3g}"
+    if value < 1e3:
+        return f"{value:.2f}"
+    return f"{value:,.1f}" if value < 1e6 else f"{value:.4g}"
 
 
 def peak_memory_cell(res: dict[str, Any], device: str) -> str:
@@ -425,7 +454,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     if env.get("ram_bytes"):
         machine += f", {env['ram_bytes'] / 2**30:.0f} GiB RAM"
     if gpu:
-        machine += f"; GPU: {gpu['name']} ({gpu['memory_bytes'] / 2**30:.0f} GiB, CUDA {gpu['cuda']})"
+        machine += (
+            f"; GPU: {gpu['name']} ({gpu['memory_bytes'] / 2**30:.0f} GiB, CUDA {gpu['cuda']})"
+        )
     else:
         machine += "; no GPU"
     lines.append(f"- Machine: {machine}")
@@ -435,7 +466,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"optishear_lightning {v['optishear_lightning']}, gguf {v['gguf']}, "
         f"torchmetrics {v['torchmetrics']}"
         + (f"; git {env['git_revision']}" if env.get("git_revision") else "")
+        + (f"; engine source digest {env['src_digest']}" if env.get("src_digest") else "")
     )
+    digests = {r["src_digest"] for r in report["results"] if r.get("src_digest")}
+    if len(digests) > 1:
+        lines.append(
+            "- Warning: the engine's source files changed while this benchmark ran (other "
+            f"engineers were editing them); rows ran with digests {', '.join(sorted(digests))} "
+            "(per row in the JSON file)."
+        )
     lines += ["- Command:", "", "  ```", f"  {report['command']}", "  ```", ""]
     for note in opts.get("notes") or []:
         lines.append(f"- Note: {note}")
@@ -493,7 +532,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             continue
         sp = res.get("overall_sparsity")
         delta = (
-            "–" if dense is None or res["method"] == "dense" or res.get("ppl") is None
+            "–"
+            if dense is None or res["method"] == "dense" or res.get("ppl") is None
             else f"{res['ppl'] - dense:+.2f}"
         )
         maxrss = res.get("ru_maxrss_process_bytes", res.get("ru_maxrss_after_prune_bytes"))
@@ -515,12 +555,14 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def protocol_text(opts: dict[str, Any], n_eval_tokens: int) -> list[str]:
     total_windows = n_eval_tokens // opts["eval_seqlen"]
-    used = total_windows if opts["eval_windows"] is None else min(total_windows, opts["eval_windows"])
+    used = (
+        total_windows if opts["eval_windows"] is None else min(total_windows, opts["eval_windows"])
+    )
     if used == total_windows:
         eval_desc = (
             f"all {total_windows} non-overlapping windows of {opts['eval_seqlen']} tokens "
-            f"(full test set: {n_eval_tokens:,} tokens, the {n_eval_tokens - used * opts['eval_seqlen']} "
-            "left over at the end dropped, as in the papers)"
+            f"(full test set: {n_eval_tokens:,} tokens; the last "
+            f"{n_eval_tokens - used * opts['eval_seqlen']} are dropped, as in the papers)"
         )
     else:
         eval_desc = (
@@ -530,15 +572,21 @@ def protocol_text(opts: dict[str, Any], n_eval_tokens: int) -> list[str]:
             "directly comparable with published ones"
         )
     std = (
-        opts["nsamples"] == 128 and opts["seqlen"] == 2048 and opts["eval_seqlen"] == 2048
+        opts["nsamples"] == 128
+        and opts["seqlen"] == 2048
+        and opts["eval_seqlen"] == 2048
         and used == total_windows
     )
     return [
         f"Model: `{opts['model']}` (id `{opts['model_id']}`), loaded with `load_model` in "
         f"{opts['dtype']} on {opts['device']}"
-        + (" — a Q4_1 GGUF checkpoint de-quantised on load" if "gguf" in opts["model"].lower()
-           or opts["model_id"] == "smollm2-135m" else "")
-        + f"; {opts.get('n_blocks', '?')} decoder blocks, {opts.get('n_prunable', 0):,} prunable linear weights "
+        + (
+            f" — the GGUF checkpoint `{opts['gguf_file']}` de-quantised on load"
+            if opts.get("gguf_file")
+            else ""
+        )
+        + f"; {opts.get('n_blocks', '?')} decoder blocks, "
+        f"{opts.get('n_prunable', 0):,} prunable linear weights "
         "(embeddings and LM head are never pruned).",
         f"Calibration: {opts['nsamples']} windows of {opts['seqlen']} tokens drawn from "
         f"`{opts['calib_display']}` with `calibration_windows(..., seed=0)` (Wanda/SparseGPT "
@@ -563,8 +611,9 @@ def protocol_text(opts: dict[str, Any], n_eval_tokens: int) -> list[str]:
         "Prune time: wall time of the `prune` call (calibration forward passes included; model "
         "loading and tokenisation excluded).",
         "This is the literature's standard protocol (128 × 2048 C4 calibration, full WikiText-2 "
-        "test at 2048)." if std else
-        "This is NOT the literature's standard protocol (128 × 2048 C4 calibration, full "
+        "test at 2048)."
+        if std
+        else "This is NOT the literature's standard protocol (128 × 2048 C4 calibration, full "
         "WikiText-2 test at 2048): see the numbers above.",
     ]
 
@@ -579,32 +628,79 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default="smollm2-135m", help="built-in name, GGUF file, directory or hub id")
+    p.add_argument(
+        "--model", default="smollm2-135m", help="built-in name, GGUF file, directory or hub id"
+    )
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
-    p.add_argument("--calib", default=str(DEFAULT_CALIB), help="calibration source: path or name (c4, wikitext2...)")
-    p.add_argument("--eval", default=str(DEFAULT_EVAL), help="WikiText-2 test: path (wiki.test.raw) or 'wikitext2'")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)"
+    )
+    p.add_argument(
+        "--calib",
+        default=str(DEFAULT_CALIB),
+        help="calibration source: path or name (c4, wikitext2...)",
+    )
+    p.add_argument(
+        "--eval",
+        default=str(DEFAULT_EVAL),
+        help="WikiText-2 test: path (wiki.test.raw) or 'wikitext2'",
+    )
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=2048, help="calibration window length")
     p.add_argument("--eval-seqlen", type=int, default=2048, help="evaluation window length")
-    p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows (default: all)")
-    p.add_argument("--eval-batch-size", type=int, default=1, help="windows per forward pass in perplexity")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass in prune")
+    p.add_argument(
+        "--eval-windows",
+        type=int,
+        default=None,
+        help="evaluate only the first N windows (None: all of them)",
+    )
+    p.add_argument(
+        "--eval-batch-size", type=int, default=1, help="windows per forward pass in perplexity"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="calibration sequences per forward pass in prune"
+    )
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
     p.add_argument(
-        "--configs", nargs="+", default=list(ALL_CONFIGS),
+        "--configs",
+        nargs="+",
+        default=list(ALL_CONFIGS),
         help="sparsity layouts: a ratio (unstructured, e.g. 0.5) or N:M (e.g. 2:4)",
     )
     p.add_argument("--no-dense", dest="dense", action="store_false", help="skip the dense baseline")
     p.add_argument(
-        "--fresh", choices=("auto", "subprocess", "reload", "restore"), default="auto",
+        "--fresh",
+        choices=("auto", "subprocess", "reload", "restore"),
+        default="auto",
         help="how each configuration gets a fresh model (auto: subprocess on CPU, restore on CUDA)",
     )
-    p.add_argument("--out", default=None, help="Markdown report (default: next to --json, or stdout only)")
-    p.add_argument("--json", default=None, help="raw results, rewritten after every configuration (default: --out with .json)")
-    p.add_argument("--resume", action="store_true", help="skip configurations already in --json (same protocol)")
-    p.add_argument("--time-budget", type=float, default=None, help="seconds: start no configuration after this much time (plus the longest one so far)")
-    p.add_argument("--note", action="append", default=[], help="free-text note for the report (repeatable)")
+    p.add_argument(
+        "--out", default=None, help="Markdown report (default: next to --json, or stdout only)"
+    )
+    p.add_argument(
+        "--json",
+        default=None,
+        help="raw results, rewritten after every configuration (default: --out with .json)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip configurations already in --json (same protocol)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds: start no configuration after this much time (plus the longest one so far)",
+    )
+    p.add_argument(
+        "--note", action="append", default=[], help="free-text note for the report (repeatable)"
+    )
+    p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="only rewrite --out from --json (e.g. after a run was stopped), running nothing",
+    )
     p.add_argument("--_worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._worker:
@@ -632,10 +728,31 @@ def _display_path(value: str) -> str:
     return value
 
 
+def render_only(json_path: Path, md_path: Path | None) -> int:
+    """Rewrite the Markdown report from the JSON file of a finished or stopped run."""
+    report = json.loads(json_path.read_text())
+    done = {r["key"] for r in report["results"]}
+    missing = [r["key"] for r in report["runs"] if r["key"] not in done]
+    if report.get("status") == "running":
+        report["status"] = (
+            "complete"
+            if not missing
+            else f"stopped: {len(missing)} configuration(s) not run ({', '.join(missing)})"
+        )
+        _write_atomic(json_path, json.dumps(report, indent=2))
+    text = render_markdown(report)
+    if md_path is not None:
+        _write_atomic(md_path, text)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args._worker:
         return worker_main(*args._worker)
+    if args.render_only:
+        return render_only(Path(args.json), Path(args.out) if args.out else None)
 
     import torch
 
@@ -643,7 +760,11 @@ def main(argv: list[str] | None = None) -> int:
     from optishear_lightning.models import load_tokenizer, resolve_model_source
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    fresh = args.fresh if args.fresh != "auto" else ("restore" if device.startswith("cuda") else "subprocess")
+    fresh = (
+        args.fresh
+        if args.fresh != "auto"
+        else ("restore" if device.startswith("cuda") else "subprocess")
+    )
     source = resolve_model_source(args.model)
     runs = build_runs(args)
     command = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
@@ -656,17 +777,37 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     tokens = evaluation_tokens(args.eval, tokenizer)
     calib = calibration_windows(args.calib, tokenizer, args.nsamples, args.seqlen, seed=0)
-    log(f"tokens: eval {tokens.numel():,}, calibration {tuple(calib.shape)} ({time.perf_counter() - t0:.1f}s)")
+    took = time.perf_counter() - t0
+    log(f"tokens: eval {tokens.numel():,}, calibration {tuple(calib.shape)} ({took:.1f}s)")
 
     opts: dict[str, Any] = {
-        "model": args.model, "model_id": source.model_id, "dtype": args.dtype, "device": device,
-        "calib": args.calib, "eval": args.eval,
-        "calib_display": _display_path(args.calib), "eval_display": _display_path(args.eval),
-        "nsamples": args.nsamples, "seqlen": args.seqlen, "eval_seqlen": args.eval_seqlen,
-        "eval_windows": args.eval_windows, "eval_batch_size": args.eval_batch_size,
-        "batch_size": args.batch_size, "fresh": fresh, "notes": args.note,
+        "model": args.model,
+        "model_id": source.model_id,
+        "gguf_file": source.gguf_file,
+        "dtype": args.dtype,
+        "device": device,
+        "calib": args.calib,
+        "eval": args.eval,
+        "calib_display": _display_path(args.calib),
+        "eval_display": _display_path(args.eval),
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "eval_seqlen": args.eval_seqlen,
+        "eval_windows": args.eval_windows,
+        "eval_batch_size": args.eval_batch_size,
+        "batch_size": args.batch_size,
+        "fresh": fresh,
+        "notes": args.note,
     }
-    protocol_keys = ("model_id", "dtype", "device", "nsamples", "seqlen", "eval_seqlen", "eval_windows")
+    protocol_keys = (
+        "model_id",
+        "dtype",
+        "device",
+        "nsamples",
+        "seqlen",
+        "eval_seqlen",
+        "eval_windows",
+    )
 
     previous: list[dict[str, Any]] = []
     resumed_from = None
@@ -674,7 +815,9 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(json_path.read_text())
         mismatch = [k for k in protocol_keys if old.get("options", {}).get(k) != opts[k]]
         if mismatch:
-            raise SystemExit(f"--resume: {json_path} was made with a different {', '.join(mismatch)}")
+            raise SystemExit(
+                f"--resume: {json_path} was made with a different {', '.join(mismatch)}"
+            )
         previous = [r for r in old.get("results", []) if "error" not in r]
         for k in ("n_blocks", "n_prunable", "weights_bytes"):
             if k in old.get("options", {}):
@@ -716,6 +859,7 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
                 model, s = _load(opts)
                 return model, s
+
         opts.update(model_info(model))
     report: dict[str, Any] = {
         "environment": describe_environment(device),
@@ -761,11 +905,17 @@ def main(argv: list[str] | None = None) -> int:
             if fresh == "subprocess":
                 spec = os.path.join(tmpdir.name, f"spec{i}.json")
                 result = os.path.join(tmpdir.name, f"result{i}.json")
-                Path(spec).write_text(json.dumps({"opts": opts, "run": run, "data_path": data_path}))
-                proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_worker", spec, result])
+                Path(spec).write_text(
+                    json.dumps({"opts": opts, "run": run, "data_path": data_path})
+                )
+                proc = subprocess.run(
+                    [sys.executable, str(Path(__file__).resolve()), "--_worker", spec, result]
+                )
                 if proc.returncode != 0 or not os.path.exists(result):
-                    res = {**{k: run[k] for k in ("key", "config", "method", "pattern", "sparsity")},
-                           "error": f"worker process exited with code {proc.returncode}"}
+                    res = {
+                        **{k: run[k] for k in ("key", "config", "method", "pattern", "sparsity")},
+                        "error": f"worker process exited with code {proc.returncode}",
+                    }
                 else:
                     res = json.loads(Path(result).read_text())
                     for k, v in res.pop("model_info", {}).items():
@@ -781,9 +931,13 @@ def main(argv: list[str] | None = None) -> int:
         if tmpdir is not None:
             tmpdir.cleanup()
     missing = [r["key"] for r in runs if r["key"] not in {x["key"] for x in report["results"]}]
-    status = "complete" if not missing else (
-        f"incomplete: {len(missing)} configuration(s) not run"
-        + (" (time budget)" if stopped_early else "")
+    status = (
+        "complete"
+        if not missing
+        else (
+            f"incomplete: {len(missing)} configuration(s) not run"
+            + (" (time budget)" if stopped_early else "")
+        )
     )
     if any("error" in r for r in report["results"]):
         status += "; some configurations failed (see Failures)"

@@ -264,9 +264,7 @@ def optishear_search(
         ctx.restore()
     save_state()
 
-    evaluated = [
-        h for h in state.history if h["kind"] == "ratios" and h["metric"] == chosen.to_dict()
-    ]
+    evaluated = [h for h in state.history if "error" in h and h["metric"] == chosen.to_dict()]
     errors = [h["error"] for h in evaluated]
     gaps = [h["sparsity_gap"] for h in evaluated]
     pick = evaluated[select_solution(errors, gaps, tolerance)]
@@ -394,7 +392,10 @@ def json_key(entry: dict) -> str:
     """Cache key of a history entry: what was evaluated, not its results."""
     import json
 
-    return json.dumps({k: entry.get(k) for k in ("kind", "metric", "ratios")}, sort_keys=True)
+    # A model-wise evaluation is identified by (metric, ratios) alone, so the uniform ratios
+    # evaluated by the metric search are not evaluated again by the ratio search.
+    fields = ("kind", "metric") if entry.get("kind") == "metric_proxy" else ("metric", "ratios")
+    return json.dumps({k: entry.get(k) for k in fields}, sort_keys=True)
 
 
 def _bar(total: int, desc: str, enabled: bool):

@@ -88,7 +88,8 @@ def run_nsga3(
             caches and records, so repeated vectors cost nothing.
         n_blocks: number of variables.
         n_choices: values per variable (``0 .. n_choices - 1``).
-        budget: number of candidate evaluations (including the initial population).
+        budget: number of candidate evaluations (including the initial population); fewer
+            when the space runs out of new candidates first.
         pop_size: population size.
         seed: seeds pymoo and the initial population.
         uniform_choice: the variable value that means "the target ratio", used to put the
@@ -122,6 +123,10 @@ def run_nsga3(
     spent = 0
     while spent < budget:
         population = algorithm.ask()
+        if population is None or len(population) == 0:
+            # No offspring unlike the population could be made (a small space, e.g. 3^2
+            # vectors for 2 blocks, explored): pymoo returns None; stop short of the budget.
+            break
         X = population.get("X").astype(int)[: budget - spent]
         population = population[: len(X)]
         F = np.array([evaluate(x) for x in X], dtype=float)

@@ -41,7 +41,7 @@ def plot_pareto(result: SearchResult, path: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ratios = [h for h in result.history if h["kind"] == "ratios" and "error" in h]
+    ratios = [h for h in result.history if "error" in h and h["metric"] == result.metric.to_dict()]
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.scatter(
         [h["sparsity_gap"] for h in ratios],

@@ -143,9 +143,13 @@ class MetaMetric(PruningMethod):
         """Scores (float32) for ``weight`` given its input statistics."""
         w = weight.detach().float().abs()
         x = stats.act_sq_mean.float().to(w.device).reshape(1, -1)
-        w_part = NORMALISERS[self.a](w) * TRANSFORMS[self.f1](w)
-        x_part = NORMALISERS[self.b](x) * TRANSFORMS[self.f2](x.sqrt())
-        return w_part * x_part
+        # 1/tiny (an all-zero row or column, a dead channel) times log's -87 overflows to
+        # -inf, and -inf * 0 is NaN: clamp the parts and the product to finite values (clamp
+        # keeps a NaN that comes from the inputs, which keep_mask_from_scores reports).
+        big = torch.finfo(torch.float32).max
+        w_part = (NORMALISERS[self.a](w) * TRANSFORMS[self.f1](w)).clamp(-big, big)
+        x_part = (NORMALISERS[self.b](x) * TRANSFORMS[self.f2](x.sqrt())).clamp(-big, big)
+        return (w_part * x_part).clamp(-big, big)
 
     def prune_(
         self,

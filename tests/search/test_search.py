@@ -1,0 +1,515 @@
+"""End-to-end OptiShear search on tiny LLaMA models."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from optishear_lightning.masks import keep_mask_from_scores, num_pruned, parse_pattern
+from optishear_lightning.models import find_decoder_blocks, find_prunable_linears
+from optishear_lightning.pruning import as_calibration_batches, prune
+from optishear_lightning.search import (
+    MAGNITUDE,
+    WANDA,
+    MetaMetric,
+    SearchResult,
+    SearchState,
+    driver,
+    effective_space,
+    optishear_prune,
+    optishear_search,
+    save_plots,
+)
+from optishear_lightning.search.context import SearchContext
+from optishear_lightning.search.ratios import non_dominated
+
+from ..conftest import tiny_llama
+
+IDS = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+LAYERS, HIDDEN = 4, 64
+METRICS = [
+    WANDA,
+    MAGNITUDE,
+    MetaMetric("sqrt", "identity", "column_sum", "none"),
+    MetaMetric("identity", "square", "relative_sum", "column_sum"),
+]
+SETTINGS = {
+    "metric_candidates": METRICS,
+    "metric_topk": 2,
+    "proxy_blocks": 1,
+    "budget": 30,
+    "pop_size": 10,
+    "objective_samples": 2,
+    "progress": False,
+}
+TOL = 0.005
+
+
+def model(layers: int = LAYERS, hidden: int = HIDDEN):
+    return tiny_llama(0, layers, hidden)
+
+
+def search(m=None, sparsity=0.5, **overrides) -> SearchResult:
+    return optishear_search(model() if m is None else m, IDS, sparsity, **(SETTINGS | overrides))
+
+
+def weights(m) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in m.named_parameters()}
+
+
+def assert_unchanged(m, before):
+    for name, p in m.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def ratio_entries(result: SearchResult) -> list[dict]:
+    metric = result.metric.to_dict()
+    # The uniform ratios are evaluated once, by the metric search, and shared with the ratio
+    # search: every model-wise evaluation of the chosen metric counts.
+    return [h for h in result.history if "error" in h and h["metric"] == metric]
+
+
+def objectives(history: list[dict]) -> list[tuple]:
+    return [(h["kind"], h.get("error"), h.get("sparsity_gap"), h.get("proxy")) for h in history]
+
+
+@pytest.fixture(scope="module")
+def result() -> SearchResult:
+    return search()
+
+
+# The search ----------------------------------------------------------------------------------
+def test_search_result(result):
+    assert isinstance(result, SearchResult)
+    assert result.metric in METRICS
+    assert len(result.ratios) == LAYERS
+    assert result.candidates == [0.45, 0.5, 0.55]
+    assert set(result.ratios) <= set(result.candidates)
+    assert result.ratios != [0.5] * LAYERS  # this model gains from non-uniform ratios
+    assert result.target_sparsity == 0.5
+    assert abs(result.achieved_sparsity - 0.5) <= TOL
+    assert result.pattern == "unstructured" and result.group == "row"
+
+    evaluated = ratio_entries(result)
+    assert 10 <= len(evaluated) <= 30
+    assert evaluated[0]["ratios"] == [0.5] * LAYERS  # NSGA-III starts from uniform ratios
+    assert evaluated[0]["sparsity_gap"] == 0.0
+    chosen = next(h for h in evaluated if h["ratios"] == result.ratios)
+    assert chosen["error"] <= evaluated[0]["error"]
+    assert chosen["sparsity_gap"] <= TOL
+    assert math.isclose(chosen["sparsity_gap"], abs(result.achieved_sparsity - 0.5))
+    feasible = [h["error"] for h in evaluated if h["sparsity_gap"] <= TOL]
+    assert chosen["error"] == min(feasible)
+
+    proxies = [h for h in result.history if h["kind"] == "metric_proxy"]
+    assert [MetaMetric.from_dict(h["metric"]) for h in proxies] == METRICS
+    assert all(math.isfinite(h["proxy"]) and h["proxy"] > 0 for h in proxies)
+    finalists = [h for h in result.history if h["kind"] == "metric"]
+    best = min(finalists, key=lambda h: h["error"])
+    assert MetaMetric.from_dict(best["metric"]) == result.metric
+    assert WANDA.to_dict() in [h["metric"] for h in finalists]
+
+    front = result.pareto_front
+    assert front and [p["sparsity_gap"] for p in front] == sorted(p["sparsity_gap"] for p in front)
+    points = np.array([[p["error"], p["sparsity_gap"]] for p in front])
+    assert len(non_dominated(points)) == len(front)
+    all_points = np.array([[h["error"], h["sparsity_gap"]] for h in evaluated])
+    for p in points:  # nothing evaluated dominates a front point
+        assert not np.any(np.all(all_points <= p, axis=1) & np.any(all_points < p, axis=1))
+
+    # The chosen metric's uniform evaluation is both a finalist and the first ratio candidate.
+    assert result.timing["model_evaluations"] == len(finalists) + len(evaluated) - 1
+    assert result.settings["proxy_blocks"] == [0]
+    assert result.layer_shapes[f"model.layers.{LAYERS - 1}.mlp.down_proj.weight"] == [64, 128]
+    assert "pymoo" in result.versions
+    assert str(result.metric) in result.summary()
+
+
+def test_model_is_dense_after_search():
+    m = model()
+    before = weights(m)
+    search(m)
+    assert_unchanged(m, before)
+
+
+def test_search_is_deterministic(result):
+    again = search()
+    assert again.ratios == result.ratios
+    assert again.metric == result.metric
+    assert again.history == result.history
+    assert objectives(again.history) == objectives(result.history)
+    assert again.pareto_front == result.pareto_front
+
+
+def test_budget_larger_than_the_ratio_space():
+    """2 blocks x 3 ratios = 9 vectors < budget 30: the search stops early, it does not crash."""
+    result = search(model(2, 32))
+    evaluated = ratio_entries(result)
+    assert 1 <= len(evaluated) <= 9
+    assert evaluated[0]["ratios"] == [0.5, 0.5]
+    assert abs(result.achieved_sparsity - 0.5) <= TOL
+    chosen = next(h for h in evaluated if h["ratios"] == result.ratios)
+    assert chosen["error"] <= evaluated[0]["error"]
+
+
+def test_fixed_metric_and_no_ratio_search():
+    result = search(search_metric=False, metric=MAGNITUDE, search_ratios=False)
+    assert result.metric == MAGNITUDE
+    assert result.ratios == [0.5] * LAYERS
+    assert [h["kind"] for h in result.history] == ["ratios"]
+    assert result.timing["model_evaluations"] == 1
+
+
+def test_full_effective_space_on_one_proxy_block():
+    result = optishear_search(
+        model(2, 32),
+        IDS,
+        0.5,
+        proxy_blocks=1,
+        budget=8,
+        pop_size=4,
+        objective_samples=2,
+        progress=False,
+    )
+    proxies = [h for h in result.history if h["kind"] == "metric_proxy"]
+    assert [MetaMetric.from_dict(h["metric"]) for h in proxies] == effective_space("row")
+    assert all(math.isfinite(h["proxy"]) for h in proxies)
+    best_proxies = sorted(proxies, key=lambda h: h["proxy"])[:8]
+    finalists = [h for h in result.history if h["kind"] == "metric"]
+    expected = [h["metric"] for h in best_proxies]
+    if WANDA.to_dict() not in expected:
+        expected.append(WANDA.to_dict())
+    assert [h["metric"] for h in finalists] == expected
+    wanda_error = next(h["error"] for h in finalists if h["metric"] == WANDA.to_dict())
+    assert min(h["error"] for h in finalists) <= wanda_error
+    assert result.metric.to_dict() == min(finalists, key=lambda h: h["error"])["metric"]
+
+
+# The cached context --------------------------------------------------------------------------
+def test_context_objective_matches_a_manual_computation():
+    m = model()
+    dense_logits = m(IDS[:2]).logits.detach()
+    ctx = SearchContext(m, [IDS], [IDS[:2]], parse_pattern("unstructured"), proxy_blocks=[1])
+    ratios = [0.45, 0.55, 0.5, 0.3]
+    metric = METRICS[2]
+    ctx.apply(metric, ratios)
+    error = ctx.logit_error()
+    zeros = sum(int((lin.weight == 0).sum()) for lins in ctx.linears for lin in lins.values())
+    ctx.restore()
+
+    manual = model()
+    names = find_decoder_blocks(manual)[0]
+    pruned_expected = 0
+    for i, block in enumerate(find_decoder_blocks(manual)[1]):
+        for name, lin in find_prunable_linears(block).items():
+            stats = ctx.stats[f"{names}.{i}.{name}.weight"]
+            keep = keep_mask_from_scores(metric.score(lin.weight, stats), ratios[i])
+            lin.weight.data *= keep
+            pruned_expected += int((~keep).sum())
+    manual_error = (manual(IDS[:2]).logits - dense_logits).norm().item()
+    assert math.isclose(error, manual_error, rel_tol=1e-4)
+    assert error > 0
+    total = sum(ctx.numel.values())
+    assert zeros == pruned_expected
+    assert ctx.achieved_sparsity(ratios) == pruned_expected / total
+    assert ctx.logit_error() == 0.0  # restored: dense again
+
+
+def test_context_proxy_matches_a_manual_computation():
+    m = model()
+    inputs = {}
+    _, blocks = find_decoder_blocks(m)
+    linears = find_prunable_linears(blocks[1])
+
+    def keep_input(name):
+        def hook(module, args, output):
+            inputs[name] = args[0].detach()
+
+        return hook
+
+    hooks = [lin.register_forward_hook(keep_input(n)) for n, lin in linears.items()]
+    with torch.no_grad():
+        m(IDS)
+    for h in hooks:
+        h.remove()
+    ctx = SearchContext(m, [IDS], [IDS[:2]], parse_pattern("unstructured"), proxy_blocks=[1])
+    for metric in (WANDA, METRICS[3]):
+        errors = []
+        for name, lin in linears.items():
+            x = inputs[name].reshape(-1, lin.in_features)
+            w = lin.weight.detach()
+            keep = keep_mask_from_scores(
+                metric.score(w, ctx.stats[f"model.layers.1.{name}.weight"]), 0.5
+            )
+            errors.append(((w * ~keep) @ x.T).norm() / (w @ x.T).norm())
+        manual = torch.stack(errors).mean().item()
+        assert math.isclose(ctx.proxy_error(metric, 0.5), manual, rel_tol=1e-3)
+    assert ctx.proxy_error(WANDA, 0.0) == 0.0
+    assert ctx.proxy_error(WANDA, 0.3) < ctx.proxy_error(WANDA, 0.7)
+
+
+# Saved results -------------------------------------------------------------------------------
+def test_result_round_trip(result, tmp_path):
+    path = result.save(tmp_path / "sub" / "result.json")
+    data = json.loads(path.read_text())
+    assert data["kind"] == "search_result" and data["format_version"] == 1
+    assert data["metric_formula"] == str(result.metric)
+    loaded = SearchResult.load(path)
+    assert loaded == result
+    assert loaded.metric == result.metric and isinstance(loaded.metric, MetaMetric)
+    assert not [p for p in path.parent.iterdir() if p.name != "result.json"]  # no temp files
+
+
+def test_truncated_or_foreign_result_file(result, tmp_path):
+    path = result.save(tmp_path / "result.json")
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        SearchResult.load(path)
+    path.write_text(json.dumps({"format_version": 1, "kind": "search_state", "history": []}))
+    with pytest.raises(ValueError, match="not a search result"):
+        SearchResult.load(path)
+    path.write_text(json.dumps({"kind": "search_result"}))
+    with pytest.raises(ValueError, match="format version"):
+        SearchResult.load(path)
+    data = result.to_dict()
+    del data["ratios"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="incomplete or malformed"):
+        SearchResult.load(path)
+    with pytest.raises(FileNotFoundError):
+        SearchResult.load(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize(
+    "layers,hidden,match", [(3, HIDDEN, "decoder blocks"), (LAYERS, 32, "differ")]
+)
+def test_result_refused_for_another_model(result, tmp_path, layers, hidden, match):
+    path = result.save(tmp_path / "result.json")
+    other = model(layers, hidden)
+    before = weights(other)
+    with pytest.raises(ValueError, match=match):
+        result.check_compatible(other)
+    with pytest.raises(ValueError, match=match):
+        optishear_prune(other, IDS, 0.5, search_result=path, progress=False)
+    assert_unchanged(other, before)
+    result.check_compatible(model())  # the model it was found for
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"sparsity": 0.6}, "targets sparsity 0.5"), ({"pattern": "2:4"}, "pattern unstructured")],
+)
+def test_result_refused_for_other_settings(result, kwargs, match):
+    m = model()
+    before = weights(m)
+    with pytest.raises(ValueError, match=match):
+        optishear_prune(m, IDS, **({"sparsity": 0.5} | kwargs), search_result=result)
+    assert_unchanged(m, before)
+
+
+# Resumable state -----------------------------------------------------------------------------
+def test_rerun_with_state_needs_no_model_evaluation(result, tmp_path):
+    state = tmp_path / "state.json"
+    first = search(state_path=state)
+    assert first.timing["model_evaluations"] == result.timing["model_evaluations"]
+    saved = json.loads(state.read_text())
+    assert saved["kind"] == "search_state"
+    assert saved["history"] == first.history
+    second = search(state_path=state)
+    assert second.timing["model_evaluations"] == 0
+    assert second.ratios == first.ratios == result.ratios
+    assert second.metric == first.metric
+    assert second.history == first.history
+
+
+def test_interrupted_search_resumes(result, tmp_path, monkeypatch):
+    state = tmp_path / "state.json"
+    original = SearchContext.logit_error
+    calls = []
+
+    def interrupt_after_15(self, *args, **kwargs):
+        if len(calls) == 15:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    m = model()
+    before = weights(m)
+    with monkeypatch.context() as patch:
+        patch.setattr(SearchContext, "logit_error", interrupt_after_15)
+        with pytest.raises(KeyboardInterrupt):
+            search(m, state_path=state)
+    assert len(calls) == 15
+    assert_unchanged(m, before)  # dense again after the interrupt
+
+    saved = json.loads(state.read_text())
+    assert saved["kind"] == "search_state"
+    done = [h for h in saved["history"] if "error" in h]
+    assert 0 < len(done) <= 15
+    assert saved["history"] == result.history[: len(saved["history"])]  # a prefix
+
+    resumed = search(m, state_path=state)
+    fresh = result.timing["model_evaluations"]
+    assert resumed.timing["model_evaluations"] == fresh - len(done)
+    assert resumed.timing["model_evaluations"] < fresh
+    assert resumed.ratios == result.ratios
+    assert resumed.metric == result.metric
+    assert resumed.history == result.history
+    assert_unchanged(m, before)
+
+
+def test_state_of_another_search_is_refused(tmp_path, monkeypatch):
+    state = tmp_path / "state.json"
+    search(state_path=state, budget=10)
+    text = state.read_text()
+    m = model()
+    before = weights(m)
+    monkeypatch.setattr(driver, "SearchContext", _untouchable)
+    with pytest.raises(ValueError, match="different search") as info:
+        search(m, sparsity=0.6, state_path=state, budget=10)
+    assert "target" in str(info.value)
+    with pytest.raises(ValueError, match="different search"):
+        search(m, state_path=state, budget=11)
+    assert state.read_text() == text  # left alone
+    assert_unchanged(m, before)
+
+
+def test_corrupted_state_is_refused(tmp_path, monkeypatch):
+    state = tmp_path / "state.json"
+    search(state_path=state, budget=10)
+    text = state.read_text()
+    monkeypatch.setattr(driver, "SearchContext", _untouchable)
+    state.write_text(text[: len(text) // 3])
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        search(state_path=state, budget=10)
+    state.write_text(json.dumps({"format_version": 1, "kind": "search_result"}))
+    with pytest.raises(ValueError, match="not a search state"):
+        search(state_path=state, budget=10)
+
+
+def test_state_round_trip(tmp_path):
+    state = SearchState({"a": [1, 2], "b": None}, [{"kind": "x", "error": 0.25}])
+    path = tmp_path / "s.json"
+    state.save(path)
+    loaded = SearchState.load_or_new(path, {"b": None, "a": [1, 2]})
+    assert loaded.history == state.history
+    fresh = SearchState.load_or_new(tmp_path / "none.json", {"a": 1})
+    assert fresh.history == [] and fresh.fingerprint == {"a": 1}
+
+
+# Bad input -----------------------------------------------------------------------------------
+def _untouchable(*args, **kwargs):
+    raise AssertionError("the search reached the model")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"sparsity": 0.02, "delta": 0.05}, "delta"),
+        ({"sparsity": 0.97, "delta": 0.05}, "delta"),
+        ({"delta": 0.0}, "delta"),
+        ({"candidates": [0.4, 0.6]}, "include the target"),
+        ({"candidates": [0.1, 0.2]}, "reachable range"),
+        ({"candidates": []}, "empty"),
+        ({"metric_candidates": []}, "metric_candidates is empty"),
+        ({"sparsity": 1.0}, r"\[0, 1\)"),
+        ({"group": "column"}, "group"),
+        ({"pattern": "5:4"}, "N < M"),
+        ({"budget": 0}, "budget"),
+        ({"pop_size": 1}, "pop_size"),
+        ({"metric_topk": 0}, "metric_topk"),
+        ({"objective_samples": 0}, "objective_samples"),
+        ({"calibration": torch.empty(0, 8, dtype=torch.long)}, "empty"),
+    ],
+)
+def test_bad_input_fails_before_the_model_is_touched(kwargs, match, monkeypatch, tmp_path):
+    m = model(2, 32)
+    before = weights(m)
+    monkeypatch.setattr(driver, "SearchContext", _untouchable)
+    args = {"calibration": IDS, "sparsity": 0.5, **SETTINGS, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        optishear_search(m, state_path=tmp_path / "state.json", **args)
+    assert_unchanged(m, before)
+    assert not (tmp_path / "state.json").exists()
+
+
+# N:M, other engine methods, plots ------------------------------------------------------------
+def test_nm_pattern():
+    m = model()
+    before = weights(m)
+    result = search(m, pattern="2:4")
+    assert_unchanged(m, before)
+    assert result.pattern == "2:4"
+    assert result.ratios == [0.5] * LAYERS
+    assert result.candidates == [0.5]
+    assert result.achieved_sparsity == result.target_sparsity == 0.5
+    assert [h["ratios"] for h in ratio_entries(result)] == [[0.5] * LAYERS]
+    assert len([h for h in result.history if h["kind"] == "metric_proxy"]) == len(METRICS)
+    assert result.metric in METRICS
+
+    pruned, found = optishear_prune(m, IDS, pattern="2:4", search_result=result, progress=False)
+    assert found is result
+    assert pruned.method == result.metric.name
+    assert len(pruned.masks) == 7 * LAYERS
+    for name, keep in pruned.masks.items():
+        assert (keep.reshape(keep.shape[0], -1, 4).sum(-1) == 2).all(), name
+    params = dict(m.named_parameters())
+    for name, keep in pruned.masks.items():
+        assert torch.equal(params[name] != 0, keep), name
+
+
+def test_prune_with_another_method_uses_searched_ratios(result):
+    ratios = [0.45, 0.55, 0.5, 0.3]
+    found = dataclasses.replace(result, ratios=ratios)
+    m = model()
+    pruned, _ = optishear_prune(m, IDS, 0.5, search_result=found, method="ria", progress=False)
+    assert pruned.method == "ria"
+    assert pruned.block_sparsity == ratios
+    reference = model()
+    expected = prune(reference, IDS, "ria", ratios)
+    blocks_name, blocks = find_decoder_blocks(m)
+    for i, block in enumerate(blocks):
+        for name, lin in find_prunable_linears(block).items():
+            zeros_per_row = (lin.weight == 0).sum(1)
+            assert (zeros_per_row == num_pruned(lin.in_features, ratios[i])).all(), (i, name)
+            fqn = f"{blocks_name}.{i}.{name}.weight"
+            assert torch.equal(pruned.masks[fqn], expected.masks[fqn]), fqn
+    # RIA, not the searched metric, chose the masks.
+    metric_pruned = prune(model(), IDS, result.metric, ratios)
+    assert any(not torch.equal(pruned.masks[k], metric_pruned.masks[k]) for k in pruned.masks)
+
+
+def test_prune_searches_when_no_result_given(result):
+    m = model()
+    pruned, found = optishear_prune(m, IDS, 0.5, **SETTINGS)
+    assert found.ratios == result.ratios
+    assert found.metric == result.metric
+    assert pruned.method == result.metric.name
+    assert pruned.block_sparsity == found.ratios
+    assert abs(pruned.overall_sparsity - found.achieved_sparsity) < 1e-6
+
+
+def test_save_plots(result, tmp_path, capsys):
+    paths = save_plots(result, tmp_path / "plots")
+    assert sorted(p.name for p in paths) == ["layer_ratios.png", "pareto_front.png"]
+    for p in paths:
+        data = p.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        assert len(data) > 1000
+    from optishear_lightning.search import print_summary
+
+    print_summary(result)
+    assert "OptiShear search result" in capsys.readouterr().out
+
+
+def test_calibration_forms_agree(result):
+    """A list of batches gives the same search as one tensor."""
+    again = optishear_search(model(), as_calibration_batches(IDS, 3), 0.5, **SETTINGS)
+    assert again.ratios == result.ratios
+    assert again.metric == result.metric
