@@ -465,7 +465,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Versions: python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, "
         f"optishear_lightning {v['optishear_lightning']}, gguf {v['gguf']}, "
         f"torchmetrics {v['torchmetrics']}"
-        + (f"; git {env['git_revision']}" if env.get("git_revision") else "")
+        + (f"; git HEAD at start {env['git_revision']}" if env.get("git_revision") else "")
         + (f"; engine source digest {env['src_digest']}" if env.get("src_digest") else "")
     )
     digests = {r["src_digest"] for r in report["results"] if r.get("src_digest")}

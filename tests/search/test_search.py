@@ -38,7 +38,9 @@ METRICS = [
     MetaMetric("sqrt", "identity", "column_sum", "none"),
     MetaMetric("identity", "square", "relative_sum", "column_sum"),
 ]
+TOL = 0.005
 SETTINGS = {
+    "tolerance": TOL,
     "metric_candidates": METRICS,
     "metric_topk": 2,
     "proxy_blocks": 1,
@@ -47,7 +49,6 @@ SETTINGS = {
     "objective_samples": 2,
     "progress": False,
 }
-TOL = 0.005
 
 
 def model(layers: int = LAYERS, hidden: int = HIDDEN):

@@ -61,7 +61,7 @@ def optishear_search(
     budget: int = 300,
     pop_size: int = 40,
     objective_samples: int = 8,
-    tolerance: float = 0.005,
+    tolerance: float = 0.001,
     seed: int = 0,
     batch_size: int = 8,
     device: str | torch.device | None = None,
