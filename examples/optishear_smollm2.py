@@ -1,10 +1,11 @@
 """Search an OptiShear metric and per-block ratios for SmolLM2-135M, prune, and compare.
 
 The defaults are sized for a CPU (a few minutes on 2 cores: 16 calibration windows of 256
-tokens, 2 blocks for the proxy, 60 ratio candidates). On a GPU use the literature's setting:
+tokens, 2 blocks and 128 rows per matrix for the proxy, 60 ratio candidates). On a GPU use
+the literature's setting:
 
     python examples/optishear_smollm2.py --nsamples 128 --seqlen 2048 --budget 300 \
-        --proxy-blocks 8 --eval-windows 0 --output-dir optishear-smollm2/
+        --proxy-blocks 8 --proxy-rows 0 --eval-windows 0 --output-dir optishear-smollm2/
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=60)
     parser.add_argument("--pop-size", type=int, default=20)
     parser.add_argument("--proxy-blocks", type=int, default=2)
+    parser.add_argument("--proxy-rows", type=int, default=128, help="0 = all rows")
     parser.add_argument("--metric-topk", type=int, default=4)
     parser.add_argument("--objective-samples", type=int, default=4)
     parser.add_argument("--eval", default=str(WIKI) if WIKI.exists() else None)
@@ -59,6 +61,7 @@ def main() -> None:
         budget=args.budget,
         pop_size=args.pop_size,
         proxy_blocks=args.proxy_blocks,
+        proxy_rows=args.proxy_rows or None,
         metric_topk=args.metric_topk,
         objective_samples=args.objective_samples,
     )

@@ -53,8 +53,10 @@ class PruneResult:
         n_calibration_samples: calibration sequences used.
         calibration_seq_len: their length in tokens.
         seconds: wall time of the whole prune.
-        peak_memory: peak accelerator memory (``cuda_bytes``) and process peak RSS
-            (``cpu_rss_bytes``) seen by the end of the prune.
+        peak_memory: ``cuda_bytes``, the peak accelerator memory during the prune (``prune``
+            resets CUDA's peak statistics when it starts), and ``cpu_rss_bytes``, the peak
+            resident memory of the whole process so far (``ru_maxrss``: it includes anything
+            the process did before the prune; run a prune in its own process to isolate it).
     """
 
     method: str

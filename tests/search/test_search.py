@@ -514,3 +514,23 @@ def test_calibration_forms_agree(result):
     again = optishear_search(model(), as_calibration_batches(IDS, 3), 0.5, **SETTINGS)
     assert again.ratios == result.ratios
     assert again.metric == result.metric
+
+
+def test_row_sampled_proxy():
+    m = model()
+    full = SearchContext(m, [IDS], [IDS[:2]], parse_pattern("unstructured"), proxy_blocks=[1])
+    rows = min(
+        lin.out_features for lin in find_prunable_linears(find_decoder_blocks(m)[1][1]).values()
+    )
+    # Sampling at least every row is the exact proxy.
+    same = SearchContext(
+        m, [IDS], [IDS[:2]], parse_pattern("unstructured"), proxy_blocks=[1], proxy_rows=10_000
+    )
+    assert same.proxy_error(WANDA, 0.5) == full.proxy_error(WANDA, 0.5)
+    # A row sample estimates it: close, but computed on fewer rows (so not identical).
+    sampled = SearchContext(
+        m, [IDS], [IDS[:2]], parse_pattern("unstructured"), proxy_blocks=[1], proxy_rows=rows // 2
+    )
+    estimate, exact = sampled.proxy_error(WANDA, 0.5), full.proxy_error(WANDA, 0.5)
+    assert estimate != exact
+    assert math.isclose(estimate, exact, rel_tol=0.25)

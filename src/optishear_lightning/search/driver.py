@@ -57,6 +57,7 @@ def optishear_search(
     metric_candidates: Sequence[MetaMetric] | None = None,
     metric_topk: int = 8,
     proxy_blocks: int | None = 8,
+    proxy_rows: int | None = None,
     search_ratios: bool = True,
     budget: int = 300,
     pop_size: int = 40,
@@ -86,6 +87,8 @@ def optishear_search(
         metric_candidates: metrics to screen (default: the effective space).
         metric_topk: metrics decided by the model-wise objective after proxy screening.
         proxy_blocks: number of evenly spread blocks used by the proxy (``None`` = all).
+        proxy_rows: evenly spaced output rows per matrix scored by the proxy (``None`` = all;
+            a few hundred makes the screening several times faster on a CPU).
         search_ratios: run the ratio search (unstructured only).
         budget: ratio candidates evaluated by NSGA-III.
         pop_size: NSGA-III population size.
@@ -150,6 +153,7 @@ def optishear_search(
         "search_metric": search_metric,
         "metric": (metric or WANDA).to_dict() if not search_metric else None,
         "proxy_blocks": proxy,
+        "proxy_rows": proxy_rows,
         "budget": budget if ratio_search else 0,
         "pop_size": pop_size,
     }
@@ -169,7 +173,9 @@ def optishear_search(
 
     timing: dict[str, float] = {}
     started = time.perf_counter()
-    ctx = SearchContext(model, batches, objective, pat, group, proxy, device, progress)
+    ctx = SearchContext(
+        model, batches, objective, pat, group, proxy, device, progress, proxy_rows=proxy_rows
+    )
     timing["calibration_s"] = time.perf_counter() - started
     model_evals = 0
 
@@ -299,6 +305,7 @@ def optishear_search(
             for k in (
                 "objective_samples",
                 "proxy_blocks",
+                "proxy_rows",
                 "budget",
                 "pop_size",
                 "calibration_shape",
