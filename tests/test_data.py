@@ -8,6 +8,7 @@ import json
 import random
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -371,3 +372,14 @@ def test_evaluation_tokens_errors(tokenizer):
         evaluation_tokens(None, tokenizer)
     tokens = torch.arange(12).unsqueeze(0)
     assert torch.equal(evaluation_tokens(tokens, None), torch.arange(12))
+
+
+def test_few_long_documents_warn(tokenizer):
+    docs = ["short text"] * 20 + ["a much longer document " * 40]
+    with pytest.warns(UserWarning, match="Only 1 distinct documents"):
+        windows = calibration_windows(docs, tokenizer, n_samples=8, seq_len=32, seed=0)
+    assert windows.shape == (8, 32)
+    many = [f"document number {i} " * 40 for i in range(64)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibration_windows(many, tokenizer, n_samples=8, seq_len=32, seed=0)

@@ -31,6 +31,7 @@ import gzip
 import json
 import os
 import random
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -322,13 +323,25 @@ def _document_windows(
 
     rng = random.Random(seed)
     windows = []
+    used: set[int] = set()
     for _ in range(n_samples):
         while True:
-            ids = long_enough(rng.randint(0, n_docs - 1))
+            index = rng.randint(0, n_docs - 1)
+            ids = long_enough(index)
             if ids is not None:
                 break
+        used.add(index)
         start = rng.randint(0, ids.numel() - seq_len - 1)
         windows.append(ids[start : start + seq_len])
+    if len(used) < n_samples / 2:
+        # The papers sample 128 windows from hundreds of thousands of C4 documents; a small
+        # local slice gives windows that overlap heavily, which is worth knowing.
+        warnings.warn(
+            f"Only {len(used)} distinct documents longer than seq_len={seq_len} provided the "
+            f"{n_samples} calibration windows; give more (or longer) documents for a "
+            "calibration set as diverse as the literature's.",
+            stacklevel=3,
+        )
     return torch.stack(windows)
 
 
