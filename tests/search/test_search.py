@@ -534,3 +534,17 @@ def test_row_sampled_proxy():
     estimate, exact = sampled.proxy_error(WANDA, 0.5), full.proxy_error(WANDA, 0.5)
     assert estimate != exact
     assert math.isclose(estimate, exact, rel_tol=0.25)
+
+
+def test_model_must_be_on_the_search_device():
+    with pytest.raises(ValueError, match=r"model.to\('meta'\)"):
+        search(device="meta")
+
+
+def test_device_names_match_loosely():
+    from optishear_lightning.search.driver import _same_device
+
+    assert _same_device(torch.device("cuda", 0), "cuda")
+    assert _same_device(torch.device("cpu"), "cpu")
+    assert not _same_device(torch.device("cuda", 1), "cuda:0")
+    assert not _same_device(torch.device("cpu"), "cuda")

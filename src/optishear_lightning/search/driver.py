@@ -96,7 +96,8 @@ def optishear_search(
         tolerance: allowed ``|target - achieved|`` global sparsity of the chosen ratios.
         seed: search seed (the search is deterministic for a fixed seed and machine).
         batch_size: sequences per forward pass.
-        device: where the model runs (default: its device).
+        device: where the model runs (default: its device); the whole model must already be
+            there, since every candidate runs a full forward pass.
         state_path: JSON file for resumable state.
         progress: progress bars and a summary table.
 
@@ -134,6 +135,13 @@ def optishear_search(
     if search_metric and metrics is not None and not metrics:
         raise ValueError("metric_candidates is empty; leave it unset for the full space.")
 
+    home = {p.device for p in model.parameters()}
+    if device is not None and not all(_same_device(d, device) for d in home):
+        raise ValueError(
+            f"The search runs the whole model on {device}, but its weights are on "
+            f"{sorted(str(d) for d in home)}; call model.to({str(device)!r}) first (or leave "
+            "device unset). Block-at-a-time offloading is only for prune()."
+        )
     batches = as_calibration_batches(calibration, batch_size)
     rows = torch.cat(batches)
     objective = as_calibration_batches(rows[:objective_samples], batch_size)
@@ -403,6 +411,12 @@ def json_key(entry: dict) -> str:
     # evaluated by the metric search are not evaluated again by the ratio search.
     fields = ("kind", "metric") if entry.get("kind") == "metric_proxy" else ("metric", "ratios")
     return json.dumps({k: entry.get(k) for k in fields}, sort_keys=True)
+
+
+def _same_device(a: torch.device, b: str | torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` name the same device when one of them has no index."""
+    b = torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def _bar(total: int, desc: str, enabled: bool):
