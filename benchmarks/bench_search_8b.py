@@ -1,0 +1,107 @@
+"""Time the OptiShear search on a randomly initialised LLaMA-3-8B-shaped model (bf16).
+
+Quality means nothing here (random weights, random tokens): only time. With a reduced budget
+the script also reports the per-part costs and the extrapolated time of the default search
+(8 proxy blocks, 441 metrics, 9 finalists, 300 ratio candidates), labelled as an estimate.
+
+    python benchmarks/bench_search_8b.py --device cuda --budget 300 --proxy-blocks 8   # full
+    python benchmarks/bench_search_8b.py --device cuda --budget 10 --proxy-blocks 1    # parts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from optishear_lightning.search import optishear_search
+
+LLAMA3_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=14336)
+    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--budget", type=int, default=300)
+    p.add_argument("--pop-size", type=int, default=40)
+    p.add_argument("--proxy-blocks", type=int, default=8)
+    p.add_argument("--metric-topk", type=int, default=8)
+    args = p.parse_args()
+
+    config = LlamaConfig(
+        **LLAMA3_8B
+        | dict(
+            num_hidden_layers=args.layers,
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            vocab_size=args.vocab,
+        )
+    )
+    t = time.perf_counter()
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(args.device):
+        model = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(torch.float32)
+    print(json.dumps({"init_s": time.perf_counter() - t}), flush=True)
+    calib = torch.randint(
+        0, args.vocab, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0)
+    )
+    t = time.perf_counter()
+    found = optishear_search(
+        model,
+        calib,
+        0.5,
+        budget=args.budget,
+        pop_size=args.pop_size,
+        proxy_blocks=args.proxy_blocks,
+        metric_topk=args.metric_topk,
+        progress=False,
+    )
+    total = time.perf_counter() - t
+    timing = found.timing
+    n_proxy = sum(1 for h in found.history if h["kind"] == "metric_proxy")
+    finalists = sum(1 for h in found.history if h["kind"] == "metric")
+    per_eval = timing["ratio_search_s"] / max(timing["model_evaluations"] - finalists, 1)
+    screening = timing["metric_search_s"] - finalists * per_eval
+    estimate = (
+        timing["calibration_s"]
+        + screening * 8 / max(args.proxy_blocks, 1)
+        + (args.metric_topk + 1) * per_eval
+        + 299 * per_eval
+    )
+    report = {
+        "measured_total_s": total,
+        "timing": timing,
+        "proxy_screenings": n_proxy,
+        "finalists": finalists,
+        "seconds_per_model_evaluation": per_eval,
+        "estimated_default_search_s": estimate,
+        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "args": vars(args),
+    }
+    print(json.dumps(report, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
