@@ -54,6 +54,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--pop-size", type=int, default=40)
     p.add_argument("--objective-samples", type=int, default=8)
     p.add_argument("--proxy-blocks", type=int, default=8)
+    p.add_argument("--proxy-rows", type=int, default=0, help="0 = all rows")
     p.add_argument("--metric-topk", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", required=True, help="Markdown file; a .json is written beside it")
@@ -129,6 +130,7 @@ def main() -> None:
             pop_size=args.pop_size,
             objective_samples=args.objective_samples,
             proxy_blocks=args.proxy_blocks,
+            proxy_rows=args.proxy_rows or None,
             metric_topk=args.metric_topk,
             batch_size=args.batch_size,
             progress=False,
@@ -177,7 +179,8 @@ def render(report: dict[str, Any]) -> str:
         f"- Evaluation: WikiText-2 test, windows of {a['eval_seqlen']} tokens, "
         + ("all windows." if not a["eval_windows"] else f"first {a['eval_windows']} windows only."),
         f"- Search: budget {a['budget']} ratio candidates, population {a['pop_size']}, objective on"
-        f" {a['objective_samples']} calibration windows, proxy on {a['proxy_blocks']} blocks, "
+        f" {a['objective_samples']} calibration windows, proxy on {a['proxy_blocks']} blocks"
+        f" ({a.get('proxy_rows') or 'all'} rows per matrix), "
         f"top {a['metric_topk']} metrics decided model-wise.",
     ]
     lines += [f"- Note: {n}" for n in a["note"]]
