@@ -34,13 +34,27 @@ def print_summary(result: SearchResult) -> None:
     Console().print(table)
 
 
-def plot_pareto(result: SearchResult, path: str | os.PathLike) -> Path:
-    """Scatter of every evaluated ratio candidate, the Pareto front and the chosen point."""
+def _pyplot():
+    """pyplot on the non-interactive Agg backend (works without a display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_pareto(result: SearchResult, path: str | os.PathLike) -> Path:
+    """Scatter of every evaluated ratio candidate, the Pareto front and the chosen point."""
+    plt = _pyplot()
     ratios = [h for h in result.history if "error" in h and h["metric"] == result.metric.to_dict()]
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.scatter(
@@ -79,20 +93,12 @@ def plot_pareto(result: SearchResult, path: str | os.PathLike) -> Path:
     ax.set_ylabel("||logits_pruned - logits_dense||_F")
     ax.set_title(f"{result.model_id}: ratio search")
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_ratios(result: SearchResult, path: str | os.PathLike) -> Path:
     """Bar chart of the sparsity ratio of each decoder block (the paper's figure)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(5, 0.22 * len(result.ratios) + 2), 3.2))
     ax.bar(range(len(result.ratios)), result.ratios, color="tab:blue")
     ax.axhline(result.target_sparsity, color="tab:red", ls="--", lw=1, label="target")
@@ -102,11 +108,7 @@ def plot_ratios(result: SearchResult, path: str | os.PathLike) -> Path:
     ax.set_ylabel("sparsity ratio")
     ax.set_title(f"{result.model_id}: layer-wise sparsity ({result.metric})", fontsize=8)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def save_plots(result: SearchResult, directory: str | os.PathLike) -> list[Path]:
