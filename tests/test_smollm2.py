@@ -17,16 +17,16 @@ EVAL_WINDOWS = 4
 
 
 @pytest.fixture(scope="module")
-def setup(smollm2_tokenizer):
+def setup(tokenizer):
     torch.manual_seed(0)
     calib = calibration_windows(
         SHARED_DATA / "c4" / "c4-train.00000-of-01024.head1041.jsonl",
-        smollm2_tokenizer,
+        tokenizer,
         n_samples=8,
         seq_len=256,
         seed=0,
     )
-    tokens = evaluation_tokens(SHARED_DATA / "wikitext2" / "wiki.test.raw", smollm2_tokenizer)
+    tokens = evaluation_tokens(SHARED_DATA / "wikitext2" / "wiki.test.raw", tokenizer)
     return calib, tokens[: EVAL_SEQ_LEN * EVAL_WINDOWS]
 
 

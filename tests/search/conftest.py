@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: tiny-model tests run ~10x faster on shared, busy cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(single_thread):
+    """Every search test module runs on tiny models: one intra-op thread (see tests/conftest.py)."""
     yield
-    torch.set_num_threads(previous)
