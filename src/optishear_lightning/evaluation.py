@@ -28,6 +28,8 @@ from torch import nn
 from torchmetrics.text import Perplexity
 from tqdm.auto import tqdm
 
+from .models import named_prunable_linears
+
 __all__ = [
     "DEFAULT_TASKS",
     "TASK_FILES",
@@ -659,20 +661,12 @@ def zero_shot_accuracy(
 # Sparsity
 # --------------------------------------------------------------------------------------------
 
-_BLOCK_SEGMENTS = frozenset({"layers", "h", "layer"})
-
 
 def _decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
-    found: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        parts = name.split(".")
-        if "lm_head" in parts:
-            continue
-        if _BLOCK_SEGMENTS.intersection(parts[:-1]):
-            found[name] = module
-    return found
+    try:
+        return named_prunable_linears(model)
+    except ValueError:
+        return {}  # reported below with a hint to pass the layers explicitly
 
 
 def sparsity_report(
@@ -684,9 +678,9 @@ def sparsity_report(
     Args:
         model: The model, or directly a mapping ``{name: linear layer}`` to report on.
         modules: The layers to report on, by name. When neither this nor a mapping is given,
-            every ``nn.Linear`` whose qualified name has a ``layers`` / ``h`` / ``layer``
-            segment (the decoder blocks of LLaMA / GPT-2 / BERT-style models) is used, except
-            ``lm_head``.
+            the prunable linears of the model's decoder blocks are used
+            (:func:`~optishear_lightning.models.named_prunable_linears`), i.e. exactly what
+            :func:`~optishear_lightning.pruning.prune` prunes.
 
     Returns:
         One row per layer, in the given (or module) order, with keys ``name``, ``shape``

@@ -33,6 +33,7 @@ __all__ = [
     "SparseGPTMethod",
     "get_method",
     "magnitude_score",
+    "prune_by_scores_",
     "register_metric",
     "ria_score",
     "wanda_score",
@@ -79,9 +80,20 @@ class ScoreMethod(PruningMethod):
 
     def prune_(self, weight, stats, sparsity, pattern, group="row"):
         scores = self.score(weight.detach().float(), stats)
-        keep = keep_mask_from_scores(scores, sparsity, pattern, group)
-        apply_keep_mask(weight.data, keep)
-        return keep
+        return prune_by_scores_(weight, scores, sparsity, pattern, group)
+
+
+def prune_by_scores_(
+    weight: torch.Tensor,
+    scores: torch.Tensor,
+    sparsity: float | None,
+    pattern: SparsityPattern,
+    group: str = "row",
+) -> torch.Tensor:
+    """Zero the lowest-scoring weights of each comparison group in place; return the keep mask."""
+    keep = keep_mask_from_scores(scores, sparsity, pattern, group)
+    apply_keep_mask(weight.data, keep)
+    return keep
 
 
 class SparseGPTMethod(PruningMethod):

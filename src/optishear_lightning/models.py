@@ -23,6 +23,7 @@ __all__ = [
     "find_prunable_linears",
     "load_model",
     "load_tokenizer",
+    "named_prunable_linears",
     "parse_dtype",
     "resolve_model_source",
 ]
@@ -281,3 +282,13 @@ def find_prunable_linears(block: nn.Module) -> dict[str, nn.Linear]:
     if not linears:
         raise ValueError(f"Decoder block {type(block).__name__} contains no nn.Linear to prune.")
     return linears
+
+
+def named_prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every prunable ``nn.Linear`` of every decoder block, by fully qualified module name."""
+    blocks_name, blocks = find_decoder_blocks(model)
+    return {
+        f"{blocks_name}.{i}.{name}": linear
+        for i, block in enumerate(blocks)
+        for name, linear in find_prunable_linears(block).items()
+    }

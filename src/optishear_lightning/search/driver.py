@@ -15,6 +15,7 @@ history is saved after each step and a rerun resumes from it.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from ..masks import parse_pattern, validate_sparsity
+from ..models import find_decoder_blocks
 from ..pruning import PruneResult, as_calibration_batches, prune
 from .context import SearchContext
 from .ratios import check_candidates, non_dominated, run_nsga3, select_solution
@@ -145,7 +147,7 @@ def optishear_search(
     batches = as_calibration_batches(calibration, batch_size)
     rows = torch.cat(batches)
     objective = as_calibration_batches(rows[:objective_samples], batch_size)
-    _, n_blocks_model = _block_count(model)
+    n_blocks_model = len(find_decoder_blocks(model)[1])
     proxy = _spread(n_blocks_model, proxy_blocks) if search_metric else []
     fingerprint = {
         "model_id": _model_id(model),
@@ -405,8 +407,6 @@ def optishear_prune(
 
 def json_key(entry: dict) -> str:
     """Cache key of a history entry: what was evaluated, not its results."""
-    import json
-
     # A model-wise evaluation is identified by (metric, ratios) alone, so the uniform ratios
     # evaluated by the metric search are not evaluated again by the ratio search.
     fields = ("kind", "metric") if entry.get("kind") == "metric_proxy" else ("metric", "ratios")
@@ -425,13 +425,6 @@ def _bar(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="cand")
-
-
-def _block_count(model: nn.Module) -> tuple[str, int]:
-    from ..models import find_decoder_blocks
-
-    name, blocks = find_decoder_blocks(model)
-    return name, len(blocks)
 
 
 def _model_id(model: nn.Module) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from ..models import find_decoder_blocks, find_prunable_linears
+from ..models import find_decoder_blocks, named_prunable_linears
 from .space import MetaMetric
 
 __all__ = ["SearchResult", "SearchState", "atomic_write_json", "layer_shapes", "versions"]
@@ -63,11 +63,9 @@ def _read_json(path: str | os.PathLike, what: str) -> dict:
 
 def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
     """Shape of every prunable weight, by fully qualified name."""
-    blocks_name, blocks = find_decoder_blocks(model)
     return {
-        f"{blocks_name}.{i}.{name}.weight": list(lin.weight.shape)
-        for i, block in enumerate(blocks)
-        for name, lin in find_prunable_linears(block).items()
+        f"{name}.weight": list(lin.weight.shape)
+        for name, lin in named_prunable_linears(model).items()
     }
 
 

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..calibration import LayerStats
-from ..masks import SparsityPattern, apply_keep_mask, keep_mask_from_scores
-from ..metrics import PruningMethod
+from ..masks import SparsityPattern
+from ..metrics import PruningMethod, prune_by_scores_
 
 __all__ = [
     "MAGNITUDE",
@@ -159,9 +159,7 @@ class MetaMetric(PruningMethod):
         pattern: SparsityPattern,
         group: str = "row",
     ) -> Tensor:
-        keep = keep_mask_from_scores(self.score(weight, stats), sparsity, pattern, group)
-        apply_keep_mask(weight.data, keep)
-        return keep
+        return prune_by_scores_(weight, self.score(weight, stats), sparsity, pattern, group)
 
     # Serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, str]:
