@@ -215,7 +215,7 @@ def test_context_objective_matches_a_manual_computation():
     manual_error = (manual(IDS[:2]).logits - dense_logits).norm().item()
     assert math.isclose(error, manual_error, rel_tol=1e-4)
     assert error > 0
-    total = sum(ctx.numel.values())
+    total = sum(rows * cols for rows, cols in ctx.shapes.values())
     assert zeros == pruned_expected
     assert ctx.achieved_sparsity(ratios) == pruned_expected / total
     assert ctx.logit_error() == 0.0  # restored: dense again

@@ -120,7 +120,7 @@ class SearchContext:
         self.dense_hidden = [self._final_hidden(b) for b in self.objective]
         self._ranks: dict[str, torch.Tensor] = {}
         self._ranked_metric: MetaMetric | None = None
-        self.numel = {fqn: w.numel() for fqn, w in self.dense.items()}
+        self.total_weights = sum(w.numel() for w in self.dense.values())
 
     # Candidate application -----------------------------------------------------------------
     @torch.no_grad()
@@ -190,7 +190,7 @@ class SearchContext:
                     pruned += rows * num_pruned(cols, ratio)
                 else:
                     pruned += num_pruned(rows * cols, ratio)
-        return pruned / sum(self.numel.values())
+        return pruned / self.total_weights
 
     @torch.no_grad()
     def proxy_error(self, metric: MetaMetric, sparsity: float | None) -> float:
