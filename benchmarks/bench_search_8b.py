@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -44,6 +45,7 @@ def main() -> None:
     p.add_argument("--pop-size", type=int, default=40)
     p.add_argument("--proxy-blocks", type=int, default=8)
     p.add_argument("--metric-topk", type=int, default=8)
+    p.add_argument("--out", help="also write the JSON report to this file")
     args = p.parse_args()
 
     config = LlamaConfig(
@@ -98,9 +100,13 @@ def main() -> None:
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "args": vars(args),
     }
-    print(json.dumps(report, indent=1), flush=True)
+    text = json.dumps(report, indent=1)
+    print(text, flush=True)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ to the pruned ones (with Gemma's final soft-capping where the model has it).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -120,6 +121,7 @@ class SearchContext:
         self.dense_hidden = [self._final_hidden(b) for b in self.objective]
         self._ranks: dict[str, torch.Tensor] = {}
         self._ranked_metric: MetaMetric | None = None
+        self._proxy_ref: dict[str, torch.Tensor] = {}
         self.total_weights = sum(w.numel() for w in self.dense.values())
 
     # Candidate application -----------------------------------------------------------------
@@ -197,6 +199,10 @@ class SearchContext:
         """Mean relative layer reconstruction error ``||dW X|| / ||W X||`` over proxy blocks.
 
         Uses the cached Gram matrices: ``||dW X||^2 = sum((dW G) * dW)`` with ``G = X^T X``.
+        The denominator does not depend on the metric and is computed once per matrix (in full
+        float32). On CUDA the numerator's product runs in TF32: the proxy only ranks metrics
+        for the model-wise objective to decide, and TF32's ~1e-3 relative error is far below
+        the gaps between metrics, while it makes the screening several times faster.
         """
         errors = []
         for b in self.proxy_blocks:
@@ -204,19 +210,44 @@ class SearchContext:
                 w = self.dense[fqn].float()
                 st = self.stats[fqn]
                 scores = metric.score(w, st)  # on all rows: normalisers use column sums
-                rows = w.shape[0]
-                if self.proxy_rows and self.group == "row" and rows > self.proxy_rows:
+                pick = self._proxy_pick(w.shape[0], w.device)
+                if pick is not None:
                     # Row masks are independent, so a row sample estimates the error sum
                     # at a fraction of the cost (the Gram product dominates it).
-                    pick = torch.linspace(0, rows - 1, self.proxy_rows, device=w.device).long()
                     w, scores = w[pick], scores[pick]
                 keep = keep_mask_from_scores(scores, sparsity, self.pattern, self.group)
                 delta = w * ~keep
-                gram = st.gram
-                err = ((delta @ gram) * delta).sum()
-                ref = ((w @ gram) * w).sum().clamp_min(torch.finfo(torch.float32).tiny)
-                errors.append((err / ref).clamp_min(0).sqrt().item())
+                with _fast_fp32_matmul(w.device):
+                    err = ((delta @ st.gram) * delta).sum()
+                errors.append((err / self._proxy_reference(fqn, w)).clamp_min(0).sqrt().item())
         return float(sum(errors) / max(len(errors), 1))
+
+    def _proxy_pick(self, rows: int, device: torch.device) -> torch.Tensor | None:
+        if not (self.proxy_rows and self.group == "row" and rows > self.proxy_rows):
+            return None
+        return torch.linspace(0, rows - 1, self.proxy_rows, device=device).long()
+
+    def _proxy_reference(self, fqn: str, w: torch.Tensor) -> torch.Tensor:
+        """``||W X||^2`` of the (row-sampled) dense matrix, cached: it is metric-independent."""
+        if fqn not in self._proxy_ref:
+            gram = self.stats[fqn].gram
+            ref = ((w @ gram) * w).sum()
+            self._proxy_ref[fqn] = ref.clamp_min(torch.finfo(torch.float32).tiny)
+        return self._proxy_ref[fqn]
+
+
+@contextmanager
+def _fast_fp32_matmul(device: torch.device) -> Iterator[None]:
+    """Allow TF32 for float32 matmuls on CUDA inside the block (no effect elsewhere)."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 class _GramSelector:
