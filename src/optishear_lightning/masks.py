@@ -37,6 +37,11 @@ __all__ = [
 Group = Literal["row", "layer"]
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+# Shared with the Triton kernels (optishear_lightning.kernels), which raise the same error.
+_NAN_SCORES_ERROR = (
+    "Pruning scores contain NaN: the calibration activations or weights are not "
+    "finite. Check the model in float32 or bfloat16 and the calibration data."
+)
 
 
 @dataclass(frozen=True)
@@ -141,10 +146,7 @@ def keep_mask_from_scores(
     if scores.dim() != 2:
         raise ValueError(f"scores must be 2-D (out_features, in_features), got {scores.shape}.")
     if torch.isnan(scores).any():
-        raise ValueError(
-            "Pruning scores contain NaN: the calibration activations or weights are not "
-            "finite. Check the model in float32 or bfloat16 and the calibration data."
-        )
+        raise ValueError(_NAN_SCORES_ERROR)
     rows, cols = scores.shape
     if pat.is_nm:
         check_pattern_fits(scores.shape, pat, "weight")
