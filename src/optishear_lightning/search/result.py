@@ -79,7 +79,7 @@ def versions() -> dict[str, str]:
 
     return {
         "optishear_lightning": __version__,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a TorchVersion would not load with weights_only
         "transformers": transformers.__version__,
         "pymoo": pymoo.__version__,
         "python": platform.python_version(),

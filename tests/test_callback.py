@@ -1,0 +1,352 @@
+"""OptiShearCallback on tiny random models: prune at fit start, sparse fine-tuning, checkpoints."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from torch.utils.data import DataLoader
+
+from optishear_lightning.callback import SEARCH_FILE, OptiShearCallback
+from optishear_lightning.datamodule import TextDataModule
+from optishear_lightning.models import named_prunable_linears
+from optishear_lightning.module import CausalLMModule
+from optishear_lightning.search import SearchResult
+
+from .conftest import tiny_llama
+
+pytestmark = [
+    pytest.mark.usefixtures("single_thread"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+VOCAB = 128
+TINY_SEARCH = dict(budget=6, pop_size=4, proxy_blocks=1, metric_topk=1, objective_samples=2)
+
+
+def tokens(*shape, seed=0):
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def datamodule(**kwargs):
+    args = dict(
+        tokenizer=None,
+        train_data=tokens(16, 32, seed=1),
+        val_data=tokens(128, seed=2),
+        test_data=None,
+        calibration_data=tokens(8, 32, seed=3),
+        seq_len=32,
+        batch_size=2,
+    )
+    return TextDataModule(**(args | kwargs))
+
+
+class MemoryLogger(Logger):
+    """Keeps every logged metric in memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.metrics: list[tuple[int, dict]] = []
+
+    @property
+    def name(self):
+        return "memory"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, dict(metrics)))
+
+    def keys(self):
+        return {k for _, m in self.metrics for k in m}
+
+
+def trainer(tmp_path, callback, **kwargs):
+    args = dict(
+        accelerator="cpu",
+        max_steps=4,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=2,
+    )
+    args = args | kwargs
+    args["enable_checkpointing"] = any(isinstance(c, ModelCheckpoint) for c in args["callbacks"])
+    return Trainer(**args)
+
+
+def pruned_weights(module):
+    return {n: lin.weight for n, lin in named_prunable_linears(module.model).items()}
+
+
+def zeros_of(module):
+    return {n: (w == 0).clone() for n, w in pruned_weights(module).items()}
+
+
+@pytest.mark.parametrize(
+    ("method", "precision"),
+    [
+        ("wanda", "32-true"),
+        ("wanda", "bf16-mixed"),
+        ("optishear", "32-true"),
+        ("sparsegpt", "32-true"),
+    ],
+)
+def test_fit_prunes_then_keeps_masks_exactly(tmp_path, method, precision):
+    module = CausalLMModule(tiny_llama(layers=2), learning_rate=1e-2, weight_decay=0.1)
+    cb = OptiShearCallback(method=method, sparsity=0.5, progress=False, **TINY_SEARCH)
+    tr = trainer(
+        tmp_path, cb, precision=precision, accumulate_grad_batches=2, gradient_clip_val=0.5
+    )
+    before = {n: w.detach().clone() for n, w in pruned_weights(module).items()}
+    tr.fit(module, datamodule=datamodule())
+    assert tr.global_step == 4
+    masks = cb.masks
+    assert masks.violations() == 0
+    for name, weight in pruned_weights(module).items():
+        keep = masks.keep_mask(f"model.{name}.weight")
+        assert (weight[~keep] == 0).all()
+        # every row lost exactly half its weights (row groups, ratio 0.5 per block here)
+        if method != "optishear":
+            assert (keep.sum(dim=1) == weight.shape[1] // 2).all()
+        # the surviving weights trained
+        assert not torch.equal(weight.detach()[keep], before[name][keep])
+    achieved = masks.sparsity()
+    if method == "optishear":
+        assert abs(achieved - 0.5) <= cb.search_kwargs["tolerance"] + 1e-9
+    else:
+        assert achieved == pytest.approx(0.5)
+
+
+def test_nm_pattern_fit_keeps_n_of_m(tmp_path):
+    module = CausalLMModule(tiny_llama(layers=2), learning_rate=1e-2)
+    cb = OptiShearCallback(method="ria", pattern="2:4", sparsity=None, progress=False)
+    trainer(tmp_path, cb, max_steps=2).fit(module, datamodule=datamodule())
+    for weight in pruned_weights(module).values():
+        groups = (weight != 0).reshape(weight.shape[0], -1, 4).sum(-1)
+        assert (groups <= 2).all()
+    assert cb.masks.sparsity() == pytest.approx(0.5)
+
+
+def test_search_is_logged_and_saved_beside_checkpoints(tmp_path):
+    module = CausalLMModule(tiny_llama(layers=2))
+    logger = MemoryLogger()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts")
+    cb = OptiShearCallback(method="optishear", sparsity=0.5, progress=False, **TINY_SEARCH)
+    tr = trainer(tmp_path, cb, logger=logger, callbacks=[cb, ckpt], max_steps=1)
+    tr.fit(module, datamodule=datamodule())
+    saved = SearchResult.load(tmp_path / "ckpts" / SEARCH_FILE)
+    assert saved.ratios == cb.found.ratios
+    keys = logger.keys()
+    assert {"optishear/trial_logit_error", "optishear/sparsity", "optishear/ratio_block_00"} <= keys
+    trials = [
+        m["optishear/trial_logit_error"]
+        for _, m in logger.metrics
+        if "optishear/trial_logit_error" in m
+    ]
+    assert len(trials) == len([h for h in saved.history if "error" in h])
+    assert all(math.isfinite(t) for t in trials)
+
+
+def test_reuse_saved_search_result_does_not_search(tmp_path, monkeypatch):
+    module = CausalLMModule(tiny_llama(layers=2))
+    cb = OptiShearCallback(
+        method="optishear", sparsity=0.5, progress=False, save_dir=tmp_path, **TINY_SEARCH
+    )
+    trainer(tmp_path, cb, max_steps=1).fit(module, datamodule=datamodule())
+    first = zeros_of(module)
+
+    import optishear_lightning.search.driver as driver
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("searched again")
+
+    monkeypatch.setattr(driver, "optishear_search", no_search)
+    module2 = CausalLMModule(tiny_llama(layers=2))
+    cb2 = OptiShearCallback(
+        method="optishear", sparsity=0.5, progress=False, search_result=str(tmp_path / SEARCH_FILE)
+    )
+    trainer(tmp_path, cb2, max_steps=1).fit(module2, datamodule=datamodule())
+    assert cb2.found.ratios == cb.found.ratios
+    # same data, same metric and ratios, same dense model: the same masks
+    assert all(torch.equal(first[n], m) for n, m in zeros_of(module2).items())
+
+
+def test_checkpoint_resume_keeps_masks_and_does_not_prune_again(tmp_path, monkeypatch):
+    module = CausalLMModule(tiny_llama(layers=2), learning_rate=1e-2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True, every_n_train_steps=2)
+    cb = OptiShearCallback(method="optishear", sparsity=0.5, progress=False, **TINY_SEARCH)
+    tr = trainer(tmp_path, cb, callbacks=[cb, ckpt], max_steps=2)
+    tr.fit(module, datamodule=datamodule())
+    masks_before = {n: cb.masks.keep_mask(n).clone() for n in cb.masks.names}
+
+    # A fresh process would build a dense model and a fresh callback.
+    calls = []
+    monkeypatch.setattr(OptiShearCallback, "prune_now", lambda *a, **k: calls.append(1))
+    module2 = CausalLMModule(tiny_llama(layers=2), learning_rate=1e-2)
+    cb2 = OptiShearCallback(method="optishear", sparsity=0.5, progress=False, **TINY_SEARCH)
+    logger = MemoryLogger()
+    tr2 = trainer(tmp_path, cb2, callbacks=[cb2], max_steps=4, logger=logger, log_every_n_steps=1)
+    tr2.fit(module2, datamodule=datamodule(), ckpt_path=tmp_path / "ckpts" / "last.ckpt")
+    assert not calls, "resuming must not prune or search again"
+    assert tr2.global_step == 4
+    assert set(cb2.masks.names) == set(masks_before)
+    for name, keep in masks_before.items():
+        assert torch.equal(cb2.masks.keep_mask(name), keep)
+    assert cb2.masks.violations() == 0
+    assert cb2.found is not None and cb2.found.ratios == cb.found.ratios
+    losses = [m["train/loss"] for _, m in logger.metrics if "train/loss" in m]
+    assert losses and all(math.isfinite(x) for x in losses)
+
+
+def test_resume_with_another_sparsity_is_refused(tmp_path):
+    module = CausalLMModule(tiny_llama(layers=2))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True)
+    cb = OptiShearCallback(method="wanda", sparsity=0.5, progress=False)
+    trainer(tmp_path, cb, callbacks=[cb, ckpt], max_steps=1).fit(
+        module, datamodule=datamodule()
+    )
+    cb2 = OptiShearCallback(method="wanda", sparsity=0.6, progress=False)
+    module2 = CausalLMModule(tiny_llama(layers=2))
+    with pytest.raises(ValueError, match=r"checkpoint was pruned to sparsity 0.5"):
+        trainer(tmp_path, cb2, max_steps=2).fit(
+            module2, datamodule=datamodule(), ckpt_path=tmp_path / "ckpts" / "last.ckpt"
+        )
+
+
+def test_export_writes_plain_transformers_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    module = CausalLMModule(tiny_llama(layers=2), learning_rate=1e-2)
+    out = tmp_path / "export"
+    cb = OptiShearCallback(method="wanda", sparsity=0.5, progress=False, export_dir=str(out))
+    trainer(tmp_path, cb, max_steps=2).fit(module, datamodule=datamodule())
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert list(out.glob("*.safetensors"))
+    for name, lin in named_prunable_linears(reloaded).items():
+        keep = cb.masks.keep_mask(f"model.{name}.weight")
+        assert torch.equal(lin.weight != 0, keep)
+
+
+class OwnModule(LightningModule):
+    """A user's LightningModule: the HF model under another name, its own calibration data."""
+
+    def __init__(self, with_calibration: bool):
+        super().__init__()
+        self.net = tiny_llama(layers=2)
+        self.with_calibration = with_calibration
+        self.calibration_calls = 0
+
+    def training_step(self, batch, batch_idx):
+        return self.net(input_ids=batch, labels=batch).loss
+
+    def train_dataloader(self):
+        return DataLoader(tokens(8, 16, seed=5), batch_size=2)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def calibration_dataloader(self):
+        self.calibration_calls += 1
+        return DataLoader(tokens(4, 16, seed=6), batch_size=2) if self.with_calibration else None
+
+
+def test_users_own_module_with_calibration_dataloader(tmp_path):
+    module = OwnModule(with_calibration=True)
+    cb = OptiShearCallback(method="wanda", sparsity=0.5, progress=False)
+    trainer(tmp_path, cb, max_steps=3).fit(module)
+    assert module.calibration_calls == 1
+    assert cb.masks.names[0].startswith("net.model.layers.0.")
+    assert cb.masks.violations() == 0 and cb.masks.sparsity() == pytest.approx(0.5)
+
+
+def test_calibration_falls_back_to_callback_loader_then_generated_text(tmp_path):
+    module = OwnModule(with_calibration=False)
+    loader = DataLoader(tokens(4, 16, seed=7), batch_size=2)
+    cb = OptiShearCallback(
+        method="wanda", sparsity=0.5, progress=False, calibration_dataloader=loader
+    )
+    trainer(tmp_path, cb, max_steps=1).fit(module)
+    assert cb.summary["n_calibration_samples"] == 4
+
+    module = OwnModule(with_calibration=False)
+    cb = OptiShearCallback(
+        method="wanda", sparsity=0.5, progress=False, calibration_samples=2, calibration_seq_len=8
+    )
+    trainer(tmp_path, cb, max_steps=1).fit(module)
+    assert cb.summary["n_calibration_samples"] == 2
+    assert cb.masks.sparsity() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(method="obs"), "Unknown pruning method"),
+        (dict(pattern="4:2"), "N:M pattern"),
+        (dict(pattern="diagonal"), "Unknown sparsity pattern"),
+        (dict(sparsity=1.2), r"\[0, 1\)"),
+        (dict(sparsity=0.98, delta=0.05), "would leave"),
+        (dict(pattern="2:4", sparsity=0.7), "fixes sparsity"),
+        (dict(budget=0), "budget"),
+        (dict(group="column"), "comparison group"),
+        (dict(search_result="/nonexistent/search.json"), "does not exist"),
+    ],
+)
+def test_bad_arguments_fail_in_init(kwargs, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        OptiShearCallback(**kwargs)
+
+
+def test_existing_export_dir_fails_in_init(tmp_path):
+    with pytest.raises(FileExistsError, match="already exists"):
+        OptiShearCallback(export_dir=str(tmp_path))
+
+
+def test_empty_calibration_loader_fails_before_any_weight_changes(tmp_path):
+    module = CausalLMModule(tiny_llama(layers=2))
+    dense = {n: w.detach().clone() for n, w in pruned_weights(module).items()}
+    empty = DataLoader(torch.zeros(0, 16, dtype=torch.long), batch_size=2)
+    cb = OptiShearCallback(method="wanda", progress=False, calibration_dataloader=empty)
+    dm = datamodule(calibration_data=None)
+    with pytest.raises(ValueError, match="empty|no usable tokens"):
+        trainer(tmp_path, cb, max_steps=1).fit(module, datamodule=dm)
+    assert all(torch.equal(w, dense[n]) for n, w in pruned_weights(module).items())
+
+
+def test_out_of_vocabulary_calibration_fails_clearly(tmp_path):
+    module = CausalLMModule(tiny_llama(layers=2))
+    loader = DataLoader(torch.full((2, 16), 5000, dtype=torch.long), batch_size=2)
+    cb = OptiShearCallback(method="wanda", progress=False, calibration_dataloader=loader)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        trainer(tmp_path, cb, max_steps=1).fit(module, datamodule=datamodule(calibration_data=None))
+
+
+def test_search_result_for_another_model_fails_before_pruning(tmp_path):
+    module = CausalLMModule(tiny_llama(layers=2))
+    cb = OptiShearCallback(
+        method="optishear", sparsity=0.5, progress=False, save_dir=tmp_path, **TINY_SEARCH
+    )
+    trainer(tmp_path, cb, max_steps=1).fit(module, datamodule=datamodule())
+    other = CausalLMModule(tiny_llama(layers=3))
+    dense = {n: w.detach().clone() for n, w in pruned_weights(other).items()}
+    cb2 = OptiShearCallback(
+        method="optishear", progress=False, search_result=str(Path(tmp_path) / SEARCH_FILE)
+    )
+    with pytest.raises(ValueError, match="decoder blocks"):
+        trainer(tmp_path, cb2, max_steps=1).fit(other, datamodule=datamodule())
+    assert all(torch.equal(w, dense[n]) for n, w in pruned_weights(other).items())
