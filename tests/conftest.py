@@ -67,3 +67,18 @@ def tokenizer():
     from optishear_lightning.models import load_tokenizer
 
     return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M converted once to a safetensors directory.
+
+    De-quantising the GGUF file takes ~20 s on a busy 2-core CPU each time; tests that only
+    need the same weights load this directory instead (about 1 s).
+    """
+    from optishear_lightning.models import load_model, load_tokenizer
+
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    load_model("smollm2-135m").save_pretrained(out)
+    load_tokenizer("smollm2-135m").save_pretrained(out)
+    return out

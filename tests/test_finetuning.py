@@ -23,7 +23,7 @@ def test_pack_bits_is_msb_first_like_numpy():
 
 
 def test_unpack_refuses_wrong_size():
-    with pytest.raises(ValueError, match="another model|does not belong"):
+    with pytest.raises(ValueError, match=r"another model|does not belong"):
         unpack_bits(torch.zeros(3, dtype=torch.uint8), (8, 8))
 
 

@@ -107,6 +107,8 @@ class OptiShearCLI(LightningCLI):
         **kwargs: Any,
     ):
         kwargs.setdefault("trainer_class", OptiShearTrainer)
+        # Resuming (fit --ckpt_path) reuses the run directory: let it rewrite config.yaml.
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(model_class, datamodule_class, **kwargs)
 
     @staticmethod
@@ -118,6 +120,12 @@ class OptiShearCLI(LightningCLI):
             "test": base["test"],
             "prune": {"model", "datamodule"},
         }
+
+    def before_instantiate_classes(self) -> None:
+        # LightningCLI builds the model (a slow load) before the callbacks: check the
+        # callback's settings first so a typo fails in a second, before anything is loaded.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        OptiShearCallback(**dict(config["optishear"]))
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(OptiShearCallback, "optishear")

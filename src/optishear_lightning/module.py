@@ -139,6 +139,14 @@ class CausalLMModule(LightningModule):
         metric.update(logits[:, :-1].float(), ids[:, 1:])
         self.log(f"{stage}/ppl", metric, prog_bar=True, batch_size=ids.shape[0])
 
+    def on_validation_epoch_start(self) -> None:
+        # States reset inside trainer.validate() are inference tensors, which the validation
+        # inside a later fit() (no_grad, not inference mode) cannot update: start clean.
+        self.val_ppl.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.test_ppl.reset()
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, self.val_ppl, "val")
 

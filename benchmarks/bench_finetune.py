@@ -1,0 +1,165 @@
+"""Sparse fine-tuning recovers perplexity: prune SmolLM2-135M at 50%, fine-tune with masks kept.
+
+Measures WikiText-2 perplexity (standard protocol: full test set, windows of 2048) of the dense
+model, right after pruning, and after ``--steps`` optimizer steps of next-token training on C4
+windows with :class:`OptiShearCallback` keeping the pruned weights at zero. Also reports the
+sparsity before and after training and how many pruned weights moved (must be 0).
+
+    python benchmarks/bench_finetune.py --device cuda --out benchmarks/results/finetune_h200.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import CSVLogger
+
+from optishear_lightning.callback import OptiShearCallback
+from optishear_lightning.data import evaluation_tokens
+from optishear_lightning.datamodule import TextDataModule
+from optishear_lightning.evaluation import perplexity
+from optishear_lightning.module import CausalLMModule
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--c4", default=str(SHARED / "c4" / "c4-train.00000-of-01024.head1041.jsonl"))
+    p.add_argument("--eval", default=str(SHARED / "wikitext2" / "wiki.test.raw"))
+    p.add_argument("--method", default="wanda")
+    p.add_argument("--search-result", default=None, help="reuse a saved OptiShear search")
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--precision", default="bf16-mixed")
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--eval-windows", type=int, default=0, help="0 = the whole test set")
+    p.add_argument("--out", required=True, help="Markdown file; a .json is written beside it")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    module = CausalLMModule(args.model, learning_rate=args.lr, warmup_steps=20)
+    data = TextDataModule(
+        args.model,
+        train_data=args.c4,
+        val_data=None,
+        test_data=None,
+        calibration_data=args.c4,
+        calibration_samples=args.nsamples,
+        calibration_seq_len=args.calib_seqlen,
+        seq_len=args.seqlen,
+        train_samples=args.steps * args.batch_size,
+        batch_size=args.batch_size,
+    )
+    wiki = evaluation_tokens(args.eval, module.tokenizer, seq_len=args.eval_seqlen)
+    windows = args.eval_windows or None
+
+    def ppl() -> float:
+        return perplexity(
+            module.model,
+            wiki,
+            args.eval_seqlen,
+            batch_size=4,
+            max_windows=windows,
+            device=args.device,
+        )
+
+    module.model.to(args.device)
+    dense = ppl()
+    callback = OptiShearCallback(
+        method=args.method,
+        sparsity=args.sparsity,
+        search_result=args.search_result,
+        calibration_batch_size=8,
+        progress=False,
+        save_dir=str(out.parent / "finetune_run"),
+    )
+    accel = "gpu" if str(args.device).startswith("cuda") else "cpu"
+    trainer = Trainer(
+        accelerator=accel,
+        devices=1,
+        max_steps=args.steps,
+        precision=args.precision,
+        gradient_clip_val=1.0,
+        logger=CSVLogger(out.parent / "finetune_run"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=10,
+    )
+    # Prune first (no training) to measure the pruned model, then fine-tune with the same
+    # callback: the masks it holds are kept, nothing is pruned again.
+    t0 = time.perf_counter()
+    module.to(trainer.strategy.root_device)
+    callback.prune_now(trainer, module, data)
+    prune_s = time.perf_counter() - t0
+    pruned = ppl()
+    sparsity_pruned = callback.masks.sparsity()
+    trainer.callbacks.append(callback)
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    train_s = time.perf_counter() - t0
+    tuned = ppl()
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "device": torch.cuda.get_device_name() if accel == "gpu" else platform.processor(),
+        "torch": str(torch.__version__),
+        "args": vars(args),
+        "dense_ppl": dense,
+        "pruned_ppl": pruned,
+        "finetuned_ppl": tuned,
+        "sparsity_after_prune": sparsity_pruned,
+        "sparsity_after_finetune": callback.masks.sparsity(),
+        "pruned_weights_that_moved": callback.masks.violations(),
+        "prune_s": prune_s,
+        "finetune_s": train_s,
+        "tokens_seen": args.steps * args.batch_size * args.seqlen,
+    }
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    command = " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None
+    )
+    lines = [
+        "# Sparse fine-tuning after pruning (SmolLM2-135M)",
+        "",
+        f"- Date: {report['date']}; device: {report['device']}; torch {report['torch']}",
+        f"- Command: `python benchmarks/bench_finetune.py {command}`",
+        f"- Pruning: {args.method} at {args.sparsity} ({args.nsamples} x {args.calib_seqlen} C4 "
+        f"calibration), {prune_s:.1f} s",
+        f"- Fine-tuning: {args.steps} AdamW steps, batch {args.batch_size} x {args.seqlen} tokens "
+        f"of C4 ({report['tokens_seen']:,} tokens), lr {args.lr}, {args.precision}, clip 1.0, "
+        f"{train_s:.1f} s",
+        f"- WikiText-2 test, windows of {args.eval_seqlen}"
+        + (f", first {windows}" if windows else ", all windows"),
+        "",
+        "| model | perplexity | sparsity |",
+        "|---|---:|---:|",
+        f"| dense | {dense:.2f} | 0 |",
+        f"| pruned | {pruned:.2f} | {sparsity_pruned:.4f} |",
+        f"| pruned + fine-tuned | {tuned:.2f} | {callback.masks.sparsity():.4f} |",
+        "",
+        f"Pruned weights that moved during fine-tuning: {report['pruned_weights_that_moved']}.",
+        "",
+    ]
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
