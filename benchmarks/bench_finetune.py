@@ -115,6 +115,7 @@ def main() -> None:
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=data)
     train_s = time.perf_counter() - t0
+    module.model.to(args.device)  # Lightning moves the model back to the CPU after fit
     tuned = ppl()
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

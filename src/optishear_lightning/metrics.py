@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 from .calibration import LayerStats
+from .kernels.fused import try_fused_prune_, try_select_prune_
 from .masks import SparsityPattern, apply_keep_mask, keep_mask_from_scores
 from .sparsegpt import sparsegpt_prune
 
@@ -79,6 +80,10 @@ class ScoreMethod(PruningMethod):
         return f"ScoreMethod({self.name!r})"
 
     def prune_(self, weight, stats, sparsity, pattern, group="row"):
+        # On CUDA the fused Triton kernel scores, selects and masks in one pass (same masks).
+        keep = try_fused_prune_(weight, self, stats, sparsity, pattern, group)
+        if keep is not None:
+            return keep
         scores = self.score(weight.detach().float(), stats)
         return prune_by_scores_(weight, scores, sparsity, pattern, group)
 
@@ -90,9 +95,15 @@ def prune_by_scores_(
     pattern: SparsityPattern,
     group: str = "row",
 ) -> torch.Tensor:
-    """Zero the lowest-scoring weights of each comparison group in place; return the keep mask."""
-    keep = keep_mask_from_scores(scores, sparsity, pattern, group)
-    apply_keep_mask(weight.data, keep)
+    """Zero the lowest-scoring weights of each comparison group in place; return the keep mask.
+
+    On CUDA (see :mod:`optishear_lightning.kernels.backend`) one Triton kernel selects and
+    masks; otherwise, and for what the kernels do not cover, PyTorch does.
+    """
+    keep = try_select_prune_(weight, scores, sparsity, pattern, group)
+    if keep is None:
+        keep = keep_mask_from_scores(scores, sparsity, pattern, group)
+        apply_keep_mask(weight.data, keep)
     return keep
 
 

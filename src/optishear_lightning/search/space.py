@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..calibration import LayerStats
+from ..kernels.fused import try_fused_prune_
 from ..masks import SparsityPattern
 from ..metrics import PruningMethod, prune_by_scores_
 
@@ -142,14 +143,21 @@ class MetaMetric(PruningMethod):
     def score(self, weight: Tensor, stats: LayerStats | None) -> Tensor:
         """Scores (float32) for ``weight`` given its input statistics."""
         w = weight.detach().float().abs()
-        x = stats.act_sq_mean.float().to(w.device).reshape(1, -1)
         # 1/tiny (an all-zero row or column, a dead channel) times log's -87 overflows to
         # -inf, and -inf * 0 is NaN: clamp the parts and the product to finite values (clamp
         # keeps a NaN that comes from the inputs, which keep_mask_from_scores reports).
         big = torch.finfo(torch.float32).max
         w_part = (NORMALISERS[self.a](w) * TRANSFORMS[self.f1](w)).clamp(-big, big)
-        x_part = (NORMALISERS[self.b](x) * TRANSFORMS[self.f2](x.sqrt())).clamp(-big, big)
-        return (w_part * x_part).clamp(-big, big)
+        return (w_part * self.x_part(stats, w.device)).clamp(-big, big)
+
+    def x_part(self, stats: LayerStats, device: torch.device) -> Tensor:
+        """The activation factor ``b(x) * F2(sqrt(x))``: float32, ``1 x in``, clamped finite.
+
+        Shared by :meth:`score` and the fused Triton kernels, which take it as a vector.
+        """
+        x = stats.act_sq_mean.float().to(device).reshape(1, -1)
+        big = torch.finfo(torch.float32).max
+        return (NORMALISERS[self.b](x) * TRANSFORMS[self.f2](x.sqrt())).clamp(-big, big)
 
     def prune_(
         self,
@@ -159,6 +167,11 @@ class MetaMetric(PruningMethod):
         pattern: SparsityPattern,
         group: str = "row",
     ) -> Tensor:
+        # Fused Triton kernel on CUDA when F1 is exact in a kernel (identity, sqrt, square);
+        # otherwise PyTorch scores, and prune_by_scores_ picks the select-only kernel.
+        keep = try_fused_prune_(weight, self, stats, sparsity, pattern, group)
+        if keep is not None:
+            return keep
         return prune_by_scores_(weight, self.score(weight, stats), sparsity, pattern, group)
 
     # Serialisation -----------------------------------------------------------------------

@@ -1,0 +1,368 @@
+"""Fused Triton pruning kernels vs PyTorch on LLaMA-3-8B shapes (bfloat16, random weights).
+
+Per block: q/o 4096x4096, k/v 1024x4096, gate/up 14336x4096, down 4096x14336; 32 blocks, all
+224 matrices resident (~15 GB, plus a pristine copy to restore between timed passes). Measures:
+
+1. the device copy bandwidth (``dst.copy_(src)`` on a large bfloat16 tensor, read + write);
+2. Wanda at 50% (per output row) and 2:4 over all 224 matrices with
+   - the eager reference way of research scripts (float32 score tensor, ``torch.sort`` per row
+     or per group, ``scatter_`` of the mask, masked zeroing; Wanda's own code for rows),
+   - the engine's PyTorch path (``METHODS["wanda"].prune_`` under the ``torch`` backend),
+   - the engine's kernel path (the same call under ``auto``: fused kernel, in-place weights +
+     keep mask, NaN check),
+   - the kernel alone: in place + mask, in place only, mask only (no NaN check sync);
+   each with its bytes/s against the floor (read W once, write W and/or the mask once);
+3. per-shape kernel times for the launch knobs (warps, coarse bits), default marked.
+
+Masks of the kernel and of the engine's PyTorch path are compared on block 0 first.
+
+    PYTHONPATH=$PWD/src python benchmarks/bench_kernels.py --out benchmarks/results/kernels_h200
+    PYTHONPATH=$PWD/src python benchmarks/bench_kernels.py --tiny --device cpu --out /tmp/k
+      (the CPU runs the kernels in Triton's interpreter: tiny shapes, smoke test only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+SHAPES_8B = {  # name: (out_features, in_features)
+    "q_proj": (4096, 4096),
+    "k_proj": (1024, 4096),
+    "v_proj": (1024, 4096),
+    "o_proj": (4096, 4096),
+    "gate_proj": (14336, 4096),
+    "up_proj": (14336, 4096),
+    "down_proj": (4096, 14336),
+}
+SHAPES_TINY = {  # row lengths 96 and 160: not powers of two, like 14336
+    "q_proj": (16, 96),
+    "k_proj": (8, 96),
+    "v_proj": (8, 96),
+    "o_proj": (16, 96),
+    "gate_proj": (24, 96),
+    "up_proj": (24, 96),
+    "down_proj": (16, 160),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="path prefix: writes <out>.json and <out>.md")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes, 1 block (smoke test)")
+    p.add_argument("--blocks", type=int, default=None, help="decoder blocks (default 32)")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes of the kernel paths")
+    p.add_argument("--ref-repeats", type=int, default=3, help="timed passes of torch paths")
+    p.add_argument("--no-sweep", action="store_true", help="skip the launch-knob sweep")
+    p.add_argument("--copy-gib", type=float, default=4.0, help="size of the bandwidth copy")
+    return p.parse_args()
+
+
+ARGS = parse_args()
+if ARGS.device == "cpu":
+    # The kernels run on the CPU only in Triton's interpreter, which has to be chosen before
+    # the kernels are first imported (below).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+from optishear_lightning.calibration import LayerStats  # noqa: E402
+from optishear_lightning.kernels import (  # noqa: E402
+    fused_score,
+    kernel_backend,
+    triton_prune,
+)
+from optishear_lightning.masks import parse_pattern  # noqa: E402
+from optishear_lightning.metrics import METHODS  # noqa: E402
+
+WANDA = METHODS["wanda"]
+
+
+class Timer:
+    """Wall time of a callable: CUDA events on the GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn, before=None) -> float:
+        if before is not None:
+            before()
+        if self.cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    def median(self, fn, repeats: int, warmup: int = 1, before=None) -> dict:
+        for _ in range(warmup):
+            self(fn, before)
+        times = [self(fn, before) for _ in range(repeats)]
+        return {"median_s": statistics.median(times), "times_s": times}
+
+
+def copy_bandwidth(device: torch.device, timer: Timer, gib: float) -> dict:
+    numel = int(gib * 2**30) // 2
+    src = torch.randn(numel, device=device, dtype=torch.float32).to(torch.bfloat16)
+    dst = torch.empty_like(src)
+    result = timer.median(lambda: dst.copy_(src), repeats=10, warmup=3)
+    moved = 2 * src.numel() * src.element_size()  # read + write
+    result.update(bytes=moved, bytes_per_s=moved / result["median_s"])
+    return result
+
+
+def eager_rows_(w: torch.Tensor, stats: LayerStats, sparsity: float) -> torch.Tensor:
+    """Wanda's reference code: score, stable sort per row, scatter the mask, zero in place."""
+    metric = w.abs() * torch.sqrt(stats.act_sq_mean.reshape(1, -1))
+    mask = torch.zeros_like(metric, dtype=torch.bool)
+    order = torch.sort(metric, dim=-1, stable=True)[1]
+    mask.scatter_(1, order[:, : int(w.shape[1] * sparsity)], True)
+    w[mask] = 0
+    return ~mask
+
+
+def eager_nm_(w: torch.Tensor, stats: LayerStats, n: int, m: int) -> torch.Tensor:
+    """The same for N:M, vectorised over groups (Wanda's code loops over column groups)."""
+    metric = (w.abs() * torch.sqrt(stats.act_sq_mean.reshape(1, -1))).reshape(w.shape[0], -1, m)
+    mask = torch.zeros_like(metric, dtype=torch.bool)
+    order = torch.sort(metric, dim=-1, stable=True)[1]
+    mask.scatter_(-1, order[..., : m - n], True)
+    mask = mask.reshape(w.shape)
+    w[mask] = 0
+    return ~mask
+
+
+def main() -> None:
+    args = ARGS
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("No CUDA device: run with --device cpu --tiny (Triton interpreter) instead.")
+    shapes = SHAPES_TINY if args.tiny else SHAPES_8B
+    n_blocks = args.blocks or (1 if args.tiny else 32)
+    if args.tiny:  # the interpreter runs ~50 rows a second
+        args.copy_gib = min(args.copy_gib, 0.0625)
+        args.repeats, args.ref_repeats = 1, 1
+    timer = Timer(device)
+    import triton
+
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "command": " ".join(sys.argv),
+        "blocks": n_blocks,
+        "shapes": shapes,
+        "dtype": "bfloat16",
+    }
+    print(json.dumps(env), flush=True)
+    report: dict = {"env": env}
+    report["copy"] = copy_bandwidth(device, timer, args.copy_gib)
+    copy_bw = report["copy"]["bytes_per_s"]
+    print(f"copy bandwidth: {copy_bw / 1e9:.1f} GB/s", flush=True)
+
+    # Weights (random, not zeros) and per-matrix activation statistics.
+    gen = torch.Generator(device=device).manual_seed(0)
+    names = [(b, n) for b in range(n_blocks) for n in shapes]
+    pristine, stats = {}, {}
+    for b, n in names:
+        rows, cols = shapes[n]
+        w = torch.randn(rows, cols, device=device, generator=gen, dtype=torch.float32)
+        pristine[b, n] = (w * 0.02).to(torch.bfloat16)
+        sq = torch.rand(cols, device=device, generator=gen) * 4 + 1e-3
+        stats[b, n] = LayerStats(sq, n_tokens=1)
+    work = {key: w.clone() for key, w in pristine.items()}
+    numel = sum(w.numel() for w in pristine.values())
+    report["matrices"] = len(names)
+    report["weights"] = numel
+
+    def restore() -> None:
+        for key, w in work.items():
+            w.copy_(pristine[key])
+
+    unstructured, two_four = parse_pattern("unstructured"), parse_pattern("2:4")
+
+    # Correctness first: kernel masks == the engine's PyTorch masks on block 0.
+    identical = True
+    for (b, n), w in pristine.items():
+        if b:
+            continue
+        for pattern, sparsity in ((unstructured, 0.5), (two_four, None)):
+            with kernel_backend("torch"):
+                ref = WANDA.prune_(w.clone(), stats[b, n], sparsity, pattern)
+            spec = fused_score(WANDA, w, stats[b, n])
+            keep = triton_prune(w, spec, sparsity, pattern, inplace=False)
+            identical &= bool(torch.equal(ref, keep))
+    report["masks_identical_block0"] = identical
+    print(f"kernel masks identical to the engine's PyTorch masks (block 0): {identical}")
+
+    specs = {key: fused_score(WANDA, w, stats[key]) for key, w in work.items()}
+
+    def run_all(fn):
+        return lambda: [fn(key, w) for key, w in work.items()]
+
+    bytes_w = 2 * numel  # one pass over the bfloat16 weights
+    runs: dict[str, dict] = {}
+
+    def measure(label: str, fn, floor_bytes: int, repeats: int) -> None:
+        # Dense weights before every pass (untimed): pruned weights would be a tie-heavy case.
+        result = timer.median(run_all(fn), repeats=repeats, warmup=1, before=restore)
+        result.update(
+            floor_bytes=floor_bytes,
+            bytes_per_s=floor_bytes / result["median_s"],
+            fraction_of_copy=floor_bytes / result["median_s"] / copy_bw,
+        )
+        runs[label] = result
+        print(
+            f"{label:<42} {result['median_s'] * 1e3:10.2f} ms  "
+            f"{result['bytes_per_s'] / 1e9:8.1f} GB/s ({result['fraction_of_copy']:.0%} of copy)",
+            flush=True,
+        )
+
+    for tag, pattern, sparsity in (("50%", unstructured, 0.5), ("2:4", two_four, None)):
+
+        def eager(key, w, pattern=pattern, sparsity=sparsity):
+            if pattern.is_nm:
+                return eager_nm_(w, stats[key], pattern.n, pattern.m)
+            return eager_rows_(w, stats[key], sparsity)
+
+        def engine(key, w, pattern=pattern, sparsity=sparsity):
+            return WANDA.prune_(w, stats[key], sparsity, pattern)
+
+        measure(f"{tag} eager reference (sort + scatter)", eager, 5 * numel, args.ref_repeats)
+        with kernel_backend("torch"):
+            measure(f"{tag} engine, PyTorch backend", engine, 5 * numel, args.ref_repeats)
+        with kernel_backend("triton" if device.type == "cpu" else "auto"):
+            measure(f"{tag} engine, kernel backend", engine, 5 * numel, args.repeats)
+        for label, kw, floor in (
+            ("kernel: in place + mask", {}, 5 * numel),
+            ("kernel: in place only", {"return_mask": False}, 2 * bytes_w),
+            ("kernel: mask only", {"inplace": False}, bytes_w + numel),
+        ):
+            measure(
+                f"{tag} {label}",
+                lambda key, w, kw=kw, pattern=pattern, sparsity=sparsity: triton_prune(
+                    w, specs[key], sparsity, pattern, check_nan=False, **kw
+                ),
+                floor,
+                args.repeats,
+            )
+    report["runs"] = runs
+    for tag in ("50%", "2:4"):
+        t_kernel = runs[f"{tag} engine, kernel backend"]["median_s"]
+        report[f"speedup_{tag}"] = {
+            "vs_eager_reference": runs[f"{tag} eager reference (sort + scatter)"]["median_s"]
+            / t_kernel,
+            "vs_engine_pytorch": runs[f"{tag} engine, PyTorch backend"]["median_s"] / t_kernel,
+        }
+
+    # Launch knobs per shape (mask only: no restore needed), on block 0's matrices.
+    sweep = []
+    if not args.no_sweep:
+        from optishear_lightning.kernels import triton_kernels as tk
+
+        restore()
+        distinct: dict = {}  # q and o, k and v, gate and up share a shape
+        for n, shape in shapes.items():
+            distinct.setdefault(shape, n)
+        for (rows, cols), n in distinct.items():
+            w, spec = work[0, n], specs[0, n]
+            block = triton.next_power_of_2(cols)
+            options = [(None, None)]
+            for coarse in (tk.COARSE_BITS, 32):
+                for warps in (4, 8, 16, 32):
+                    if block // (32 * warps) >= 1:
+                        options.append((coarse, warps))
+            for coarse, warps in options:
+
+                def call(coarse=coarse, warps=warps, w=w, spec=spec):
+                    triton_prune(
+                        w, spec, 0.5, inplace=False, check_nan=False,
+                        coarse_bits=coarse, num_warps=warps,
+                    )  # fmt: skip
+
+                try:
+                    reps, warm = (1, 0) if args.tiny else (max(args.repeats, 3) * 4, 2)
+                    res = timer.median(call, repeats=reps, warmup=warm)
+                    t = res["median_s"]
+                    row = {"bytes_per_s": (2 + 1) * rows * cols / t, "error": None}
+                except Exception as e:  # a config that does not compile or fit
+                    t, row = float("nan"), {"bytes_per_s": None, "error": repr(e)[:200]}
+                row.update(
+                    shape=n, rows=rows, cols=cols, coarse_bits=coarse, num_warps=warps, seconds=t
+                )
+                sweep.append(row)
+                print(f"sweep {n:<10} coarse={coarse} warps={warps}: {t * 1e6:9.1f} us")
+    report["sweep_mask_only_50"] = sweep
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    env = report["env"]
+    copy_bw = report["copy"]["bytes_per_s"]
+    lines = [
+        "# Fused pruning kernels: LLaMA-3-8B shapes, bfloat16",
+        "",
+        f"- device: {env['device']}; torch {env['torch']} (CUDA {env['cuda']}); "
+        f"triton {env['triton']}{' (interpreter)' if env['triton_interpret'] == '1' else ''}",
+        f"- date: {env['date']}; command: `{env['command']}`",
+        f"- {report['matrices']} matrices ({env['blocks']} blocks x 7), "
+        f"{report['weights'] / 1e9:.3f} G weights, random normal x 0.02; Wanda scores",
+        f"- copy bandwidth (`dst.copy_(src)`, read + write): {copy_bw / 1e9:.1f} GB/s",
+        f"- kernel masks identical to the engine's PyTorch masks (block 0): "
+        f"{report['masks_identical_block0']}",
+        "- floor: bytes that must move (read W once; write W and/or the bool mask once); "
+        "GB/s = floor bytes / time",
+        "",
+        "| run | time (ms) | GB/s | of copy bandwidth |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, r in report["runs"].items():
+        lines.append(
+            f"| {label} | {r['median_s'] * 1e3:.2f} | {r['bytes_per_s'] / 1e9:.1f} | "
+            f"{r['fraction_of_copy']:.0%} |"
+        )
+    lines.append("")
+    for tag in ("50%", "2:4"):
+        s = report[f"speedup_{tag}"]
+        lines.append(
+            f"- {tag}: engine kernel path is {s['vs_eager_reference']:.1f}x the eager reference "
+            f"and {s['vs_engine_pytorch']:.1f}x the engine's PyTorch path"
+        )
+    if report["sweep_mask_only_50"]:
+        lines += [
+            "",
+            "Launch knobs, mask only at 50% (one matrix per shape; `None` = default heuristics):",
+            "",
+            "| shape | coarse bits | warps | time (us) | GB/s |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in report["sweep_mask_only_50"]:
+            bw = "error" if r["bytes_per_s"] is None else f"{r['bytes_per_s'] / 1e9:.1f}"
+            lines.append(
+                f"| {r['shape']} {r['rows']}x{r['cols']} | {r['coarse_bits']} | "
+                f"{r['num_warps']} | {r['seconds'] * 1e6:.1f} | {bw} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

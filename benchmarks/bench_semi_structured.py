@@ -1,0 +1,380 @@
+"""2:4 semi-structured sparse vs dense matmuls on LLaMA-3-8B shapes (bfloat16), and prefill.
+
+1. Each projection of a LLaMA-3-8B block (q/o 4096x4096, k/v 1024x4096, gate/up 14336x4096,
+   down 4096x14336), 2:4-pruned by magnitude (random weights): ``F.linear`` time dense (with
+   zeros) vs semi-structured sparse at 2048, 8192 and 16384 tokens, per backend, with the
+   sums over the MLP (gate/up/down) and the attention projections (q/k/v/o), and the output
+   difference (norm-wise, bfloat16 tolerance).
+2. End-to-end prefill of a randomly initialised LLaMA-3-8B-shaped ``LlamaForCausalLM``
+   (bfloat16, built on the GPU), pruned 2:4 by magnitude with the engine (``prune``), then
+   exported with :func:`~optishear_lightning.kernels.export_semi_structured` (which checks
+   every layer and the logits against the dense model): dense vs sparse forward time.
+
+CUDA events, warm-up, median of ``--repeats``. Needs a GPU with sparse tensor cores
+(compute capability 8.0+); PyTorch's CUTLASS kernels run on 8.x only, so on Hopper the
+``cutlass`` backend is reported as an error and cuSPARSELt is measured.
+
+    PYTHONPATH=$PWD/src python benchmarks/bench_semi_structured.py \\
+        --out benchmarks/results/semi_structured_h200
+    PYTHONPATH=$PWD/src python benchmarks/bench_semi_structured.py --tiny --out /tmp/ss
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from optishear_lightning.kernels import (
+    FusedScore,
+    check_semi_structured_support,
+    compare_outputs,
+    export_semi_structured,
+    resolve_backend,
+    triton_prune,
+)
+from optishear_lightning.masks import keep_mask_from_scores
+
+SHAPES_8B = {
+    "q_proj": (4096, 4096),
+    "k_proj": (1024, 4096),
+    "v_proj": (1024, 4096),
+    "o_proj": (4096, 4096),
+    "gate_proj": (14336, 4096),
+    "up_proj": (14336, 4096),
+    "down_proj": (4096, 14336),
+}
+SHAPES_TINY = {
+    "q_proj": (256, 256),
+    "k_proj": (64, 256),
+    "v_proj": (64, 256),
+    "o_proj": (256, 256),
+    "gate_proj": (512, 256),
+    "up_proj": (512, 256),
+    "down_proj": (256, 512),
+}
+GROUPS = {
+    "attention (q+k+v+o)": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "MLP (gate+up+down)": ("gate_proj", "up_proj", "down_proj"),
+}
+LLAMA3_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+)
+LLAMA_TINY = dict(
+    LLAMA3_8B,
+    vocab_size=1024,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="path prefix: writes <out>.json and <out>.md")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="small shapes and model (quick check)")
+    p.add_argument("--tokens", type=int, nargs="+", default=None, help="default 2048 8192 16384")
+    p.add_argument("--backends", nargs="+", default=["cusparselt", "cutlass"])
+    p.add_argument("--prefill-tokens", type=int, default=None, help="default 2048")
+    p.add_argument("--layers", type=int, default=None, help="decoder blocks of the model")
+    p.add_argument("--no-prefill", action="store_true")
+    p.add_argument("--repeats", type=int, default=10)
+    return p.parse_args()
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "command": " ".join(sys.argv),
+        "device": "cpu",
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        env["transformers"] = None
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        cusparselt = getattr(torch.backends, "cusparselt", None)
+        env["cusparselt"] = (
+            cusparselt.version() if cusparselt and cusparselt.is_available() else None
+        )
+    return env
+
+
+def median_time(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def two_four_weight(rows: int, cols: int, device, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    w = (torch.randn(rows, cols, device=device, generator=gen) * 0.02).to(torch.bfloat16)
+    if device.type == "cuda":
+        triton_prune(w, FusedScore(), None, "2:4")  # magnitude 2:4, the engine's kernel
+    else:
+        w.mul_(keep_mask_from_scores(w.float().abs(), None, "2:4"))
+    return w
+
+
+def bench_layers(args, device, shapes, tokens_list) -> dict:
+    out: dict = {"layers": [], "groups": [], "errors": {}}
+    weights = {n: two_four_weight(r, c, device, i) for i, (n, (r, c)) in enumerate(shapes.items())}
+    for backend in dict.fromkeys(resolve_backend(b) for b in args.backends):
+        try:
+            for name, w in weights.items():
+                check_semi_structured_support(w, backend, name)
+            cls = {
+                "cutlass": torch.sparse.SparseSemiStructuredTensorCUTLASS,
+                "cusparselt": torch.sparse.SparseSemiStructuredTensorCUSPARSELT,
+            }[backend]
+            sparse = {n: cls.from_dense(w) for n, w in weights.items()}
+            q = weights["q_proj"]
+            F.linear(torch.ones(64, q.shape[1], device=device, dtype=q.dtype), sparse["q_proj"])
+        except Exception as e:  # backend missing on this GPU/build: report, go on
+            out["errors"][backend] = f"{type(e).__name__}: {e}"
+            print(f"{backend}: {out['errors'][backend]}", flush=True)
+            continue
+        for tokens in tokens_list:
+            times = {}
+            for name, w in weights.items():
+                x = torch.randn(tokens, w.shape[1], device=device, dtype=torch.bfloat16)
+                dense_t = median_time(lambda x=x, w=w: F.linear(x, w), args.repeats)
+                sparse_t = median_time(lambda x=x, s=sparse[name]: F.linear(x, s), args.repeats)
+                check = compare_outputs(F.linear(x, w), F.linear(x, sparse[name]))
+                flops = 2 * tokens * w.shape[0] * w.shape[1]
+                times[name] = (dense_t, sparse_t)
+                row = dict(
+                    backend=backend,
+                    tokens=tokens,
+                    layer=name,
+                    shape=list(w.shape),
+                    dense_s=dense_t,
+                    sparse_s=sparse_t,
+                    speedup=dense_t / sparse_t,
+                    dense_tflops=flops / dense_t / 1e12,
+                    sparse_dense_equivalent_tflops=flops / sparse_t / 1e12,
+                    rel_err=check.rel_err,
+                    within_bf16_tolerance=check.ok,
+                )
+                out["layers"].append(row)
+                print(
+                    f"{backend} {tokens:>6} {name:<10} dense {dense_t * 1e6:9.1f} us  sparse "
+                    f"{sparse_t * 1e6:9.1f} us  x{dense_t / sparse_t:.2f}  err {check.rel_err:.2e}",
+                    flush=True,
+                )
+            for group, members in GROUPS.items():
+                dense_t = sum(times[m][0] for m in members)
+                sparse_t = sum(times[m][1] for m in members)
+                out["groups"].append(
+                    dict(
+                        backend=backend,
+                        tokens=tokens,
+                        group=group,
+                        dense_s=dense_t,
+                        sparse_s=sparse_t,
+                        speedup=dense_t / sparse_t,
+                    )
+                )
+        del sparse
+    return out
+
+
+def bench_prefill(args, device) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from optishear_lightning.pruning import prune
+
+    config = dict(LLAMA_TINY if args.tiny else LLAMA3_8B)
+    if args.layers:
+        config["num_hidden_layers"] = args.layers
+    tokens = args.prefill_tokens or (256 if args.tiny else 2048)
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = LlamaForCausalLM(LlamaConfig(**config)).eval()
+    torch.set_default_dtype(torch.float32)
+    init_s = time.perf_counter() - t
+    t = time.perf_counter()
+    prune(model, None, "magnitude", None, "2:4")  # on CUDA: the fused N:M kernel
+    torch.cuda.synchronize()
+    prune_s = time.perf_counter() - t
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, config["vocab_size"], (1, tokens), device=device, generator=gen)
+
+    @torch.no_grad()
+    def forward():
+        # Prefill as a server runs it: all layers over the prompt, logits of the last token.
+        return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+
+    dense_s = median_time(forward, max(3, args.repeats // 2))
+    dense_logits = forward().float()
+    t = time.perf_counter()
+    export = export_semi_structured(model, "auto", example_inputs=ids[:, :128])
+    torch.cuda.synchronize()
+    export_s = time.perf_counter() - t
+    sparse_s = median_time(forward, max(3, args.repeats // 2))
+    last = compare_outputs(dense_logits, forward().float(), rtol=2.0**-4)
+    return dict(
+        config=config,
+        tokens=tokens,
+        init_s=init_s,
+        prune_s=prune_s,
+        export_s=export_s,
+        backend=export.backend,
+        converted_linears=len(export.names),
+        layer_checks_ok=all(c.ok for c in export.layer_checks.values()),
+        worst_layer_rel_err=max(c.rel_err for c in export.layer_checks.values()),
+        model_check_rel_err=export.model_check.rel_err,
+        model_check_ok=export.model_check.ok,
+        last_token_logits_rel_err=last.rel_err,
+        dense_s=dense_s,
+        sparse_s=sparse_s,
+        speedup=dense_s / sparse_s,
+        dense_tokens_per_s=tokens / dense_s,
+        sparse_tokens_per_s=tokens / sparse_s,
+        peak_cuda_bytes=torch.cuda.max_memory_allocated(device),
+    )
+
+
+def markdown(report: dict) -> str:
+    env = report["env"]
+    lines = [
+        "# 2:4 semi-structured sparse vs dense, LLaMA-3-8B shapes, bfloat16",
+        "",
+        f"- device: {env['device']} (capability {env.get('capability')}); torch {env['torch']} "
+        f"(CUDA {env['cuda']}, cuSPARSELt {env.get('cusparselt')}); triton {env['triton']}; "
+        f"transformers {env['transformers']}",
+        f"- date: {env['date']}; command: `{env['command']}`",
+    ]
+    if report.get("skipped"):
+        return "\n".join([*lines, "", f"**Skipped:** {report['skipped']}", ""]) + "\n"
+    lines.append(
+        "- random weights x 0.02, 2:4-pruned by magnitude; dense = the same weights with their "
+        "zeros; CUDA events, median; err = max|diff| / max|dense| of the outputs"
+    )
+    for backend, error in report["layers"]["errors"].items():
+        lines.append(f"- {backend}: not measured: {error}")
+    lines += [
+        "",
+        "| backend | tokens | layer | dense (us) | sparse (us) | speedup | err |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in report["layers"]["layers"]:
+        lines.append(
+            f"| {r['backend']} | {r['tokens']} | {r['layer']} {r['shape'][0]}x{r['shape'][1]} | "
+            f"{r['dense_s'] * 1e6:.1f} | {r['sparse_s'] * 1e6:.1f} | {r['speedup']:.2f}x | "
+            f"{r['rel_err']:.1e} |"
+        )
+    lines += ["", "| backend | tokens | group | dense (us) | sparse (us) | speedup |"]
+    lines.append("|---|---:|---|---:|---:|---:|")
+    for r in report["layers"]["groups"]:
+        lines.append(
+            f"| {r['backend']} | {r['tokens']} | {r['group']} | {r['dense_s'] * 1e6:.1f} | "
+            f"{r['sparse_s'] * 1e6:.1f} | {r['speedup']:.2f}x |"
+        )
+    p = report.get("prefill")
+    if p:
+        lines += [
+            "",
+            f"Prefill, {p['config']['num_hidden_layers']}-block LLaMA-3-8B-shaped model "
+            f"(random init), batch 1 x {p['tokens']} tokens, last-token logits, "
+            f"backend {p['backend']} ({p['converted_linears']} linears converted):",
+            "",
+            "| | time (ms) | tokens/s |",
+            "|---|---:|---:|",
+            f"| dense (2:4 zeros) | {p['dense_s'] * 1e3:.1f} | {p['dense_tokens_per_s']:.0f} |",
+            f"| semi-structured | {p['sparse_s'] * 1e3:.1f} | {p['sparse_tokens_per_s']:.0f} |",
+            "",
+            f"- speedup {p['speedup']:.2f}x; engine prune (2:4 magnitude) {p['prune_s']:.2f} s, "
+            f"export {p['export_s']:.2f} s",
+            f"- checks: every layer within bf16 tolerance: {p['layer_checks_ok']} (worst "
+            f"{p['worst_layer_rel_err']:.1e}); logits on 128 tokens rel err "
+            f"{p['model_check_rel_err']:.1e} (ok: {p['model_check_ok']}); prefill last-token "
+            f"logits rel err {p['last_token_logits_rel_err']:.1e}",
+        ]
+    elif report.get("prefill_error"):
+        lines += ["", f"Prefill not measured: {report['prefill_error']}"]
+    return "\n".join(lines) + "\n"
+
+
+def write(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    out = Path(args.out)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        reason = (
+            "semi-structured sparse matmuls need a CUDA GPU with sparse tensor cores "
+            "(compute capability 8.0+); nothing can be timed on this machine "
+            f"(device {args.device}, CUDA available: {torch.cuda.is_available()})."
+        )
+        report = {"env": environment(torch.device("cpu")), "skipped": reason}
+        try:  # show the error the export gives for CPU weights
+            check_semi_structured_support(two_four_weight(64, 64, torch.device("cpu"), 0))
+        except (ValueError, TypeError, RuntimeError) as e:
+            report["cpu_error"] = str(e)
+        print(f"bench_semi_structured: {reason}\nexport on CPU says: {report.get('cpu_error')}")
+        write(report, out)
+        return
+    shapes = SHAPES_TINY if args.tiny else SHAPES_8B
+    tokens = args.tokens or ([128, 512] if args.tiny else [2048, 8192, 16384])
+    report: dict = {"env": environment(device)}
+    print(json.dumps(report["env"]), flush=True)
+    report["layers"] = bench_layers(args, device, shapes, tokens)
+    write(report, out)  # keep the layer results even if the prefill fails
+    if not args.no_prefill:
+        torch.cuda.empty_cache()
+        try:
+            report["prefill"] = bench_prefill(args, device)
+        except Exception as e:
+            report["prefill_error"] = f"{type(e).__name__}: {e}"
+            print(f"prefill failed: {report['prefill_error']}", flush=True)
+    write(report, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,441 @@
+"""Triton kernels: fused pruning scores with exact lowest-``k`` and N:M selection.
+
+This module imports Triton, so :mod:`optishear_lightning.kernels.fused` imports it lazily, on
+the first kernel call. Whether Triton's CPU interpreter is used is decided when the kernels
+below are decorated, i.e. when this module is first imported: ``TRITON_INTERPRET=1`` must be in
+the environment by then (:data:`INTERPRETED` records what happened).
+
+Scores. ``S_ij = C(C(N_ij * T(|W_ij|)) * x_j)``: ``T`` is identity, ``sqrt`` (``sqrt_rn``) or
+square (one IEEE multiply, which is what ``torch.square`` computes); ``N_ij`` is a scalar, a
+per-row or per-column vector, the RIA sum of two quotients, or ``1 / max(r_i + c_j, tiny)``
+(``div_rn``); ``x`` a per-input-channel vector; ``C`` the optional clamp to the finite float32
+range (OptiShear's meta metric clamps, the plain metrics do not). Every vector is computed by
+the same PyTorch code as the reference scores and passed in, so every float32 operation here is
+a single correctly rounded one in the reference's order: the scores are bit-identical to
+PyTorch's. Precomputed score tensors can be passed instead (``SOURCE=1``: select only).
+
+Selection. Rows: the float32 scores become order-preserving ``uint32`` keys (``-0.0`` first
+made ``+0.0``, since PyTorch compares them equal); the ``k``-th smallest key ``t`` of the row is
+found by fixing its 32 bits from the top, each bit by one count of the keys below a candidate;
+then everything below ``t`` is pruned, plus the leftmost ties of ``t`` that are still needed
+(a prefix count of the ties). That is the first ``k`` of a stable ascending sort, the engine's
+tie-break. Rows up to :data:`MAX_RESIDENT` long are held in registers (one read of ``W``);
+after :data:`COARSE_BITS` bits the few keys that share ``t``'s top bits are copied to a per-row
+scratch and the last bits are counted over those only (a bucket larger than the scratch, i.e.
+massive ties, finishes over the whole row). Longer rows are streamed in chunks, recomputing
+the scores on every pass (correct, slower).
+N:M: each weight's rank in its group of ``M`` under the same stable order is counted directly
+(``M`` comparisons per weight), and ranks below ``M - N`` are pruned.
+
+Rows (row mode) or groups (N:M mode) whose scores contain a NaN are not written; the number of
+NaN scores is added to a counter so that the caller can raise like the reference does.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+__all__ = [
+    "INTERPRETED",
+    "MAX_RESIDENT",
+    "NORM_CODES",
+    "TRANSFORM_CODES",
+    "launch_nm",
+    "launch_rows",
+]
+
+#: Longest row that is selected with the whole row in registers. 16384 keys over 16 warps are
+#: 32 registers a thread; LLaMA-3-8B's longest row (down_proj, 14336) fits.
+MAX_RESIDENT = 16384
+
+#: Key bits fixed by counting over the whole row before the candidate bucket is copied out:
+#: 12 bits (sign, exponent, 3 mantissa bits) leave an eighth of a binade, a few percent of a
+#: row of weight-like scores.
+COARSE_BITS = 12
+
+#: Codes of the compile-time metric parts (see the module docstring).
+TRANSFORM_CODES = {"identity": 0, "sqrt": 1, "square": 2}
+NORM_CODES = {"none": 0, "scalar": 1, "row": 2, "column": 3, "relative": 4, "ria": 5}
+
+# Both are exact float32 values: the smallest normal float and the largest finite float
+# (torch.finfo(torch.float32).tiny / .max), the reference's clamp bounds.
+TINY: tl.constexpr = tl.constexpr(1.1754943508222875e-38)
+BIG: tl.constexpr = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def _clamp_big(v):
+    # torch.clamp(v, -big, big), written with comparisons so that a NaN stays NaN as in torch.
+    v = tl.where(v > BIG, BIG, v)
+    return tl.where(v < -BIG, -BIG, v)
+
+
+@triton.jit
+def _score(
+    w_ptr,
+    s_ptr,
+    x_ptr,
+    nrow_ptr,
+    ncol_ptr,
+    nscal_ptr,
+    row,
+    cols,
+    valid,
+    stride_w,
+    stride_s,
+    SOURCE: tl.constexpr,
+    TRANSFORM: tl.constexpr,
+    NORM: tl.constexpr,
+    HAS_X: tl.constexpr,
+    CLAMP: tl.constexpr,
+):
+    """Float32 scores of ``row`` at columns ``cols`` (any shape), bit-identical to torch."""
+    if SOURCE == 1:
+        s = tl.load(s_ptr + row * stride_s + cols, mask=valid, other=0.0).to(tl.float32)
+    else:
+        w = tl.load(w_ptr + row * stride_w + cols, mask=valid, other=0.0).to(tl.float32)
+        w = tl.abs(w)
+        if TRANSFORM == 1:
+            t = tl.sqrt_rn(w)
+        elif TRANSFORM == 2:
+            t = w * w
+        else:
+            t = w
+        if NORM == 1:
+            s = tl.load(nscal_ptr) * t
+        elif NORM == 2:
+            s = tl.load(nrow_ptr + row) * t
+        elif NORM == 3:
+            s = tl.load(ncol_ptr + cols, mask=valid, other=1.0) * t
+        elif NORM == 4:
+            # 1 / clamp_min(rowsum_i + colsum_j, tiny), as NORMALISERS["relative_sum"] does on
+            # the broadcast sum (torch's reciprocal is a correctly rounded 1 / d).
+            d = tl.load(nrow_ptr + row) + tl.load(ncol_ptr + cols, mask=valid, other=1.0)
+            d = tl.where(d < TINY, TINY, d)
+            s = tl.div_rn(1.0, d) * t
+        elif NORM == 5:
+            # RIA: |W| / colsum_j + |W| / rowsum_i, sums already clamped by torch.
+            c = tl.load(ncol_ptr + cols, mask=valid, other=1.0)
+            r = tl.load(nrow_ptr + row)
+            s = tl.div_rn(t, c) + tl.div_rn(t, r)
+        else:
+            s = t
+        if CLAMP:
+            s = _clamp_big(s)
+        if HAS_X:
+            s = s * tl.load(x_ptr + cols, mask=valid, other=0.0)
+            if CLAMP:
+                s = _clamp_big(s)
+    return s
+
+
+@triton.jit
+def _keys(s, valid):
+    """Order-preserving uint32 keys of float32 scores; padding gets the largest key."""
+    s = tl.where(s == 0.0, 0.0, s)  # -0.0 -> +0.0: torch's comparisons treat them as equal
+    bits = s.to(tl.uint32, bitcast=True)
+    # Negative floats: flip every bit (larger magnitude = smaller); others: set the sign bit.
+    key = bits ^ tl.where((bits >> 31) != 0, 0xFFFFFFFF, 0x80000000)
+    return tl.where(valid, key, 0xFFFFFFFF)
+
+
+@triton.jit
+def _row_kernel(
+    w_ptr,
+    s_ptr,
+    keep_ptr,
+    nan_ptr,
+    scratch_ptr,
+    x_ptr,
+    nrow_ptr,
+    ncol_ptr,
+    nscal_ptr,
+    n_cols,
+    k,
+    stride_w,
+    stride_s,
+    stride_k,
+    SOURCE: tl.constexpr,
+    TRANSFORM: tl.constexpr,
+    NORM: tl.constexpr,
+    HAS_X: tl.constexpr,
+    CLAMP: tl.constexpr,
+    WRITE_W: tl.constexpr,
+    WRITE_KEEP: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SMALL: tl.constexpr,
+    COARSE_BITS: tl.constexpr,
+):
+    """One program per row: prune the ``k`` lowest scores, ties to the lowest column."""
+    row = tl.program_id(0).to(tl.int64)
+    if RESIDENT:
+        offs = tl.arange(0, BLOCK)
+        valid = offs < n_cols
+        s = _score(
+            w_ptr, s_ptr, x_ptr, nrow_ptr, ncol_ptr, nscal_ptr, row, offs, valid,
+            stride_w, stride_s, SOURCE, TRANSFORM, NORM, HAS_X, CLAMP,
+        )  # fmt: skip
+        n_nan = tl.sum(((s != s) & valid).to(tl.int32), axis=0)
+        key = _keys(s, valid)
+        # The k-th smallest key t is the largest t with count(key < t) < k: fix its bits from
+        # the top, keeping each bit whose candidate still has fewer than k keys below it.
+        t = tl.full([], 0, tl.uint32)
+        bit = tl.full([], 0x80000000, tl.uint32)
+        for _ in range(COARSE_BITS):
+            cand = t | bit
+            below_cand = tl.sum((key < cand).to(tl.int32), axis=0)
+            t = tl.where(below_cand < k, cand, t)
+            bit = bit >> 1
+        if COARSE_BITS < 32:
+            # t now lies in the bucket of keys that share its top COARSE_BITS bits, typically
+            # a few percent of the row. Copy that bucket to scratch once; the remaining bits
+            # then need counts over the bucket only (plus the keys below it).
+            in_bucket = (key ^ t) < (bit << 1)
+            n_bucket = tl.sum(in_bucket.to(tl.int32), axis=0)
+            if n_bucket <= SMALL:
+                slot = tl.cumsum(in_bucket.to(tl.int32), axis=0) - 1
+                scratch = scratch_ptr + row * SMALL
+                tl.store(scratch + slot, key.to(tl.int32, bitcast=True), mask=in_bucket)
+                tl.debug_barrier()  # every thread's scratch writes visible to the whole block
+                small_offs = tl.arange(0, SMALL)
+                small = tl.load(scratch + small_offs, mask=small_offs < n_bucket, other=-1)
+                small = small.to(tl.uint32, bitcast=True)  # padding 0xFFFFFFFF: never counted
+                n_lower = tl.sum((key < t).to(tl.int32), axis=0)
+                for _ in range(32 - COARSE_BITS):
+                    cand = t | bit
+                    below_cand = n_lower + tl.sum((small < cand).to(tl.int32), axis=0)
+                    t = tl.where(below_cand < k, cand, t)
+                    bit = bit >> 1
+            else:  # a bucket too large for the scratch (massive ties): the whole row again
+                for _ in range(32 - COARSE_BITS):
+                    cand = t | bit
+                    below_cand = tl.sum((key < cand).to(tl.int32), axis=0)
+                    t = tl.where(below_cand < k, cand, t)
+                    bit = bit >> 1
+        below = key < t
+        need = k - tl.sum(below.to(tl.int32), axis=0)
+        tied = key == t
+        # Leftmost ties first: a tie is pruned while its running count is within `need`.
+        prune = below | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= need))
+        # Fresh address arithmetic (not the loads'), so that the compiler does not keep 64-bit
+        # pointers of the whole row alive through the loops above.
+        inb = n_cols > offs
+        if WRITE_W:  # noqa: SIM102 (compile-time flag, then a runtime condition)
+            if n_nan == 0:
+                # Reload the row (an L1/L2 hit) and write it whole: vector stores of full
+                # sectors instead of one scattered 2-byte store per pruned weight.
+                w_row = (w_ptr + offs) + row * stride_w
+                w = tl.load(w_row, mask=inb)
+                tl.store(w_row, tl.where(prune, tl.zeros_like(w), w), mask=inb)
+        if WRITE_KEEP:
+            tl.store((keep_ptr + offs) + row * stride_k, prune == 0, mask=inb)
+    else:
+        # Rows too long for registers: stream chunks of BLOCK, recomputing the scores on each
+        # of the 35 passes (W stays in L2 between passes; only rows > MAX_RESIDENT get here).
+        n_nan = tl.full([], 0, tl.int32)
+        for c0 in range(0, n_cols, BLOCK):
+            offs = c0 + tl.arange(0, BLOCK)
+            valid = offs < n_cols
+            s = _score(
+                w_ptr, s_ptr, x_ptr, nrow_ptr, ncol_ptr, nscal_ptr, row, offs, valid,
+                stride_w, stride_s, SOURCE, TRANSFORM, NORM, HAS_X, CLAMP,
+            )  # fmt: skip
+            n_nan += tl.sum(((s != s) & valid).to(tl.int32), axis=0)
+        t = tl.full([], 0, tl.uint32)
+        bit = tl.full([], 0x80000000, tl.uint32)
+        for _ in range(32):
+            cand = t | bit
+            below_cand = tl.full([], 0, tl.int32)
+            for c0 in range(0, n_cols, BLOCK):
+                offs = c0 + tl.arange(0, BLOCK)
+                valid = offs < n_cols
+                s = _score(
+                    w_ptr, s_ptr, x_ptr, nrow_ptr, ncol_ptr, nscal_ptr, row, offs, valid,
+                    stride_w, stride_s, SOURCE, TRANSFORM, NORM, HAS_X, CLAMP,
+                )  # fmt: skip
+                below_cand += tl.sum((_keys(s, valid) < cand).to(tl.int32), axis=0)
+            t = tl.where(below_cand < k, cand, t)
+            bit = bit >> 1
+        n_below = tl.full([], 0, tl.int32)
+        for c0 in range(0, n_cols, BLOCK):
+            offs = c0 + tl.arange(0, BLOCK)
+            valid = offs < n_cols
+            s = _score(
+                w_ptr, s_ptr, x_ptr, nrow_ptr, ncol_ptr, nscal_ptr, row, offs, valid,
+                stride_w, stride_s, SOURCE, TRANSFORM, NORM, HAS_X, CLAMP,
+            )  # fmt: skip
+            n_below += tl.sum((_keys(s, valid) < t).to(tl.int32), axis=0)
+        need = k - n_below
+        seen = tl.full([], 0, tl.int32)  # ties of t in earlier chunks
+        for c0 in range(0, n_cols, BLOCK):
+            offs = c0 + tl.arange(0, BLOCK)
+            valid = offs < n_cols
+            s = _score(
+                w_ptr, s_ptr, x_ptr, nrow_ptr, ncol_ptr, nscal_ptr, row, offs, valid,
+                stride_w, stride_s, SOURCE, TRANSFORM, NORM, HAS_X, CLAMP,
+            )  # fmt: skip
+            key = _keys(s, valid)
+            tied = (key == t) & valid
+            rank = seen + tl.cumsum(tied.to(tl.int32), axis=0)
+            prune = ((key < t) | (tied & (rank <= need))) & valid
+            seen += tl.sum(tied.to(tl.int32), axis=0)
+            if WRITE_W:  # noqa: SIM102 (compile-time flag, then a runtime condition)
+                if n_nan == 0:
+                    tl.store(w_ptr + row * stride_w + offs, 0.0, mask=prune)
+            if WRITE_KEEP:
+                tl.store(keep_ptr + row * stride_k + offs, prune == 0, mask=valid)
+    tl.atomic_add(nan_ptr, n_nan, mask=n_nan > 0)
+
+
+@triton.jit
+def _nm_kernel(
+    w_ptr,
+    s_ptr,
+    keep_ptr,
+    nan_ptr,
+    x_ptr,
+    nrow_ptr,
+    ncol_ptr,
+    nscal_ptr,
+    n_groups,
+    n_prune,
+    stride_w,
+    stride_s,
+    stride_k,
+    SOURCE: tl.constexpr,
+    TRANSFORM: tl.constexpr,
+    NORM: tl.constexpr,
+    HAS_X: tl.constexpr,
+    CLAMP: tl.constexpr,
+    WRITE_W: tl.constexpr,
+    WRITE_KEEP: tl.constexpr,
+    M: tl.constexpr,
+    M_POW2: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """Program (row, block of groups): in each group of M, prune the n_prune lowest scores."""
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    m = tl.arange(0, M_POW2)
+    cols = g[:, None] * M + m[None, :]
+    valid = (g[:, None] < n_groups) & (m[None, :] < M)
+    s = _score(
+        w_ptr, s_ptr, x_ptr, nrow_ptr, ncol_ptr, nscal_ptr, row, cols, valid,
+        stride_w, stride_s, SOURCE, TRANSFORM, NORM, HAS_X, CLAMP,
+    )  # fmt: skip
+    # Rank of each weight in its group under a stable ascending order: the group members that
+    # are smaller, or equal and to its left. Float comparisons, like torch.sort (-0.0 == 0.0).
+    a = s[:, :, None]
+    b = s[:, None, :]
+    ia = m[None, :, None]
+    ib = m[None, None, :]
+    before = ((b < a) | ((b == a) & (ib < ia))) & (ib < M)
+    rank = tl.sum(before.to(tl.int32), axis=2)
+    prune = (rank < n_prune) & valid
+    nan_in_group = tl.sum(((s != s) & valid).to(tl.int32), axis=1)
+    if WRITE_W:
+        # Groups with a NaN score are left as they are; the rest is written whole (vector
+        # stores, the reload is an L1 hit) rather than as scattered 2-byte zeros.
+        zero = prune & (nan_in_group[:, None] == 0)
+        w_tile = (w_ptr + cols) + row * stride_w
+        w = tl.load(w_tile, mask=valid)
+        tl.store(w_tile, tl.where(zero, tl.zeros_like(w), w), mask=valid)
+    if WRITE_KEEP:
+        tl.store((keep_ptr + cols) + row * stride_k, prune == 0, mask=valid)
+    n_nan = tl.sum(nan_in_group, axis=0)
+    tl.atomic_add(nan_ptr, n_nan, mask=n_nan > 0)
+
+
+#: Whether the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import time).
+INTERPRETED = isinstance(_row_kernel, InterpretedFunction)
+
+
+def _pointers(weight, scores, keep, spec_tensors):
+    """Arguments for the pointer slots; unused slots get the weight (never dereferenced)."""
+    x, nrow, ncol, nscal = spec_tensors
+    dummy = weight
+    return (
+        weight,
+        dummy if scores is None else scores,
+        dummy if keep is None else keep,
+        dummy if x is None else x,
+        dummy if nrow is None else nrow,
+        dummy if ncol is None else ncol,
+        dummy if nscal is None else nscal,
+    )
+
+
+def launch_rows(
+    weight: torch.Tensor,
+    scores: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    nan_count: torch.Tensor,
+    spec_tensors: tuple,
+    consts: dict,
+    k: int,
+    write_weight: bool,
+    max_resident: int = MAX_RESIDENT,
+    num_warps: int | None = None,
+    small: int | None = None,
+    coarse_bits: int | None = None,
+) -> None:
+    """Launch the row kernel (one program per output row); see :func:`fused.triton_prune`.
+
+    ``coarse_bits`` (1..32) are counted over the whole row before the candidate bucket is
+    copied to a per-row scratch of ``small`` keys (a power of two; default an eighth of the
+    row, several times the usual bucket); 32 bisects over the whole row throughout.
+    """
+    rows, cols = weight.shape
+    w, s, kp, x, nrow, ncol, nscal = _pointers(weight, scores, keep, spec_tensors)
+    resident = triton.next_power_of_2(cols) <= max_resident
+    block = triton.next_power_of_2(cols) if resident else min(4096, max_resident)
+    if coarse_bits is None:
+        coarse_bits = COARSE_BITS if resident else 32
+    if num_warps is None:
+        # 8 keys a thread (the bucket copy needs ~6 registers a key) up to 4096-long rows; longer
+        # rows take 16 warps and spill a little around the copy, outside every loop: still
+        # ~40% fewer instructions than bisecting over the whole row (benchmarks/ sweeps both).
+        num_warps = max(4, min(16, block // 256))
+    small = small or max(16, block // 8)
+    scratch_rows = rows if resident and coarse_bits < 32 else 1
+    scratch = torch.empty((scratch_rows, small), dtype=torch.int32, device=w.device)
+    _row_kernel[(rows,)](
+        w, s, kp, nan_count, scratch, x, nrow, ncol, nscal,
+        cols, k, weight.stride(0), 0 if scores is None else scores.stride(0),
+        0 if keep is None else keep.stride(0),
+        WRITE_W=write_weight, WRITE_KEEP=keep is not None, RESIDENT=resident, BLOCK=block,
+        SMALL=small, COARSE_BITS=coarse_bits,
+        num_warps=num_warps, enable_fp_fusion=False, **consts,
+    )  # fmt: skip
+
+
+def launch_nm(
+    weight: torch.Tensor,
+    scores: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    nan_count: torch.Tensor,
+    spec_tensors: tuple,
+    consts: dict,
+    n: int,
+    m: int,
+    write_weight: bool,
+    num_warps: int | None = None,
+) -> None:
+    """Launch the N:M kernel (programs over rows x blocks of groups)."""
+    rows, cols = weight.shape
+    groups = cols // m
+    w, s, kp, x, nrow, ncol, nscal = _pointers(weight, scores, keep, spec_tensors)
+    m_pow2 = triton.next_power_of_2(m)
+    # 1024 weights a program; the pairwise comparison tile is BLOCK_G x M x M.
+    block_g = min(triton.next_power_of_2(groups), max(1, 1024 // m_pow2))
+    _nm_kernel[(rows, triton.cdiv(groups, block_g))](
+        w, s, kp, nan_count, x, nrow, ncol, nscal,
+        groups, m - n, weight.stride(0), 0 if scores is None else scores.stride(0),
+        0 if keep is None else keep.stride(0),
+        WRITE_W=write_weight, WRITE_KEEP=keep is not None, M=m, M_POW2=m_pow2, BLOCK_G=block_g,
+        num_warps=num_warps or (4 if m_pow2 <= 4 else 8), enable_fp_fusion=False, **consts,
+    )  # fmt: skip

@@ -1,0 +1,54 @@
+"""Kernel tests: on the GPU when there is one, else in Triton's CPU interpreter.
+
+``TRITON_INTERPRET=1`` has to be in the environment before the kernels are decorated, i.e.
+before ``optishear_lightning.kernels.triton_kernels`` is first imported; pytest loads this
+file before collecting the test modules, and nothing outside ``tests/kernels`` imports that
+module on a CPU-only machine (the engine's default backend leaves CPU tensors to PyTorch), so
+setting it here is early enough. The variable only concerns Triton: no other test uses it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from optishear_lightning.calibration import LayerStats
+from optishear_lightning.kernels import set_kernel_backend, triton_available
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+requires_triton = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _default_backend():
+    """Every test starts and ends with the backend setting unset (env var / auto)."""
+    set_kernel_backend(None)
+    yield
+    set_kernel_backend(None)
+
+
+def random_stats(cols: int, seed: int = 0, ties: bool = False) -> LayerStats:
+    """Calibration statistics of ``cols`` input channels (few distinct values with ``ties``)."""
+    gen = torch.Generator().manual_seed(seed)
+    if ties:
+        sq_sum = torch.tensor([1.0, 4.0, 9.0])[torch.randint(0, 3, (cols,), generator=gen)]
+    else:
+        sq_sum = torch.rand(cols, generator=gen) * 5 + 0.01
+    return LayerStats(sq_sum.to(DEVICE), n_tokens=7)
+
+
+def random_weight(rows: int, cols: int, dtype=torch.float32, seed: int = 0, levels: int = 0):
+    """Gaussian weights, or (``levels`` > 0) weights quantized to a few levels (many ties)."""
+    gen = torch.Generator().manual_seed(seed)
+    if levels:
+        w = torch.randint(-levels, levels + 1, (rows, cols), generator=gen) * 0.125
+    else:
+        w = torch.randn(rows, cols, generator=gen)
+    return w.to(dtype).to(DEVICE)
