@@ -1,4 +1,5 @@
-# Two entry points: `make demo` (set up, then prune SmolLM2-135M offline) and `make test`.
+# Two entry points: `make demo` (set up, then `optishear prune` on SmolLM2-135M offline) and
+# `make test`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -19,8 +20,14 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+DEMO := $(VENV)/bin/optishear prune --config examples/configs/wanda_smollm2.yaml
+
+# Without the shared data beside the repo: calibrate on text the model samples itself and
+# skip perplexity (no network needed either way).
 demo: setup
-	$(PY) examples/prune_smollm2.py
+	@if [ -d $(SHARED) ]; then $(DEMO); else $(DEMO) --data.calibration_data self \
+		--data.val_data null --data.test_data null --optishear.calibration_samples 32 \
+		--optishear.calibration_seq_len 512; fi
 
 test: setup
 	$(PY) -m ruff check src tests examples benchmarks
