@@ -12,7 +12,8 @@ Per block: q/o 4096x4096, k/v 1024x4096, gate/up 14336x4096, down 4096x14336; 32
      keep mask, NaN check),
    - the kernel alone: in place + mask, in place only, mask only (no NaN check sync);
    each with its bytes/s against the floor (read W once, write W and/or the mask once);
-3. per-shape kernel times for the launch knobs (warps, coarse bits), default marked.
+3. per-shape kernel times for the launch knobs (search: bisection or two-level, warps,
+   coarse bits), the default marked and each config's speed relative to it.
 
 Masks of the kernel and of the engine's PyTorch path are compared on block 0 first.
 
@@ -281,17 +282,21 @@ def main() -> None:
         for (rows, cols), n in distinct.items():
             w, spec = work[0, n], specs[0, n]
             block = triton.next_power_of_2(cols)
-            options = [(None, None)]
-            for coarse in (tk.COARSE_BITS, 32):
-                for warps in (4, 8, 16, 32):
+            default = tk.default_row_knobs(cols)
+            default_key = (default["select"], default["coarse_bits"], default["num_warps"])
+            # (select, coarse bits, warps); None = the launcher's defaults. The bisection with
+            # and without the bucket copy (coarse 12 / 32), and the two-level search.
+            options = [(None, None, None)]
+            for select, coarse in (("bisect", 32), ("bisect", tk.COARSE_BITS), ("two_level", None)):
+                for warps in (4, 8, 16):
                     if block // (32 * warps) >= 1:
-                        options.append((coarse, warps))
-            for coarse, warps in options:
+                        options.append((select, coarse, warps))
+            for select, coarse, warps in options:
 
-                def call(coarse=coarse, warps=warps, w=w, spec=spec):
+                def call(select=select, coarse=coarse, warps=warps, w=w, spec=spec):
                     triton_prune(
                         w, spec, 0.5, inplace=False, check_nan=False,
-                        coarse_bits=coarse, num_warps=warps,
+                        coarse_bits=coarse, num_warps=warps, select=select,
                     )  # fmt: skip
 
                 try:
@@ -301,11 +306,22 @@ def main() -> None:
                     row = {"bytes_per_s": (2 + 1) * rows * cols / t, "error": None}
                 except Exception as e:  # a config that does not compile or fit
                     t, row = float("nan"), {"bytes_per_s": None, "error": repr(e)[:200]}
-                row.update(
-                    shape=n, rows=rows, cols=cols, coarse_bits=coarse, num_warps=warps, seconds=t
+                resolved = (
+                    default_key
+                    if select is None
+                    else (select, coarse if select == "bisect" else None, warps)
                 )
+                row.update(
+                    shape=n, rows=rows, cols=cols, select=resolved[0], coarse_bits=resolved[1],
+                    num_warps=resolved[2], seconds=t, default=select is None,
+                )  # fmt: skip
                 sweep.append(row)
-                print(f"sweep {n:<10} coarse={coarse} warps={warps}: {t * 1e6:9.1f} us")
+                tag = "default " if select is None else ""
+                print(
+                    f"sweep {n:<10} {tag}select={resolved[0]} coarse={resolved[1]} "
+                    f"warps={resolved[2]}: {t * 1e6:9.1f} us",
+                    flush=True,
+                )
     report["sweep_mask_only_50"] = sweep
 
     out = Path(args.out)
@@ -350,16 +366,23 @@ def markdown(report: dict) -> str:
     if report["sweep_mask_only_50"]:
         lines += [
             "",
-            "Launch knobs, mask only at 50% (one matrix per shape; `None` = default heuristics):",
+            "Launch knobs, mask only at 50% (one matrix per shape). **default** = what "
+            "`triton_prune` picks without knobs (`default_row_knobs`); `bisect` with 32 coarse "
+            "bits = bisection over the whole row, 12 = bucket copy after 12 bits; `two_level` = "
+            "whole-row bisection until the bucket is small, then over the bucket:",
             "",
-            "| shape | coarse bits | warps | time (us) | GB/s |",
-            "|---|---:|---:|---:|---:|",
+            "| shape | select | coarse bits | warps | time (us) | GB/s | vs default |",
+            "|---|---|---:|---:|---:|---:|---:|",
         ]
+        base = {r["shape"]: r["seconds"] for r in report["sweep_mask_only_50"] if r.get("default")}
         for r in report["sweep_mask_only_50"]:
             bw = "error" if r["bytes_per_s"] is None else f"{r['bytes_per_s'] / 1e9:.1f}"
+            label = "**default**: " if r.get("default") else ""
+            rel = base.get(r["shape"], float("nan")) / r["seconds"]
             lines.append(
-                f"| {r['shape']} {r['rows']}x{r['cols']} | {r['coarse_bits']} | "
-                f"{r['num_warps']} | {r['seconds'] * 1e6:.1f} | {bw} |"
+                f"| {r['shape']} {r['rows']}x{r['cols']} | {label}{r.get('select', 'bisect')} | "
+                f"{r['coarse_bits']} | {r['num_warps']} | {r['seconds'] * 1e6:.1f} | {bw} | "
+                f"{rel:.2f}x |"
             )
     return "\n".join(lines) + "\n"
 

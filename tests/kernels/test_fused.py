@@ -7,8 +7,10 @@ import torch
 
 from optishear_lightning.kernels import (
     FusedScore,
+    dispatch_keep_mask,
     fused_keep_mask,
     fused_score,
+    keep_mask,
     kernel_backend,
     reference_keep_mask,
     triton_prune,
@@ -89,6 +91,76 @@ def test_rows_k_edge_cases(cols):
     almost_all = (cols - 1) / cols + 1e-6  # k = cols - 1
     ref = check_kernel(METHODS["magnitude"], w, stats, almost_all)
     assert ref.sum(1).eq(1).all()
+
+
+TWO_LEVEL = {"select": "two_level"}
+
+
+@pytest.mark.parametrize(
+    ("cols", "dtype", "method", "levels"),
+    [
+        (96, torch.float32, "wanda", 0),
+        (100, torch.bfloat16, "magnitude", 2),
+        (576, torch.float16, "wanda", 0),
+        (576, torch.bfloat16, "ria", 2),
+        (1536, torch.bfloat16, "wanda", 0),
+        (1536, torch.float32, "magnitude", 1),
+    ],
+)
+@pytest.mark.parametrize("sparsity", [0.5, 0.13])
+def test_two_level_select_matches_reference(cols, dtype, method, levels, sparsity):
+    w = random_weight(4, cols, dtype, seed=cols + levels, levels=levels)
+    stats = random_stats(cols, seed=cols, ties=bool(levels))
+    check_kernel(METHODS[method], w, stats, sparsity, **TWO_LEVEL)
+
+
+@pytest.mark.parametrize("cols", [96, 100, 576])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_two_level_select_k_edge_cases(cols, dtype):
+    w = random_weight(3, cols, dtype, seed=7, levels=1)  # mostly zeros and ties
+    stats = random_stats(cols, seed=7)
+    assert check_kernel(METHODS["wanda"], w, stats, 0.0, **TWO_LEVEL).all()  # k = 0
+    almost_all = (cols - 1) / cols + 1e-6  # k = cols - 1
+    ref = check_kernel(METHODS["magnitude"], w, stats, almost_all, **TWO_LEVEL)
+    assert ref.sum(1).eq(1).all()
+    w = random_weight(3, cols, dtype, seed=8)  # distinct scores
+    check_kernel(METHODS["wanda"], w, stats, almost_all, **TWO_LEVEL)
+
+
+@pytest.mark.parametrize("small", [16, None])
+def test_two_level_select_tie_break(small):
+    # Select-only scores with ties straddling the threshold: the need-th leftmost tie is found
+    # by bisection over columns; a wrong tie-break (rightmost, arbitrary) prunes other columns.
+    gen = torch.Generator().manual_seed(11)
+    rows, cols = 6, 576
+    scores = torch.randint(0, 4, (rows, cols), generator=gen).float()
+    scores[0] = 1.0  # one value: 32 bits counted over the whole row, no bucket copy
+    scores[1, ::2] = -0.0  # signed zeros tie with +0.0
+    scores[2] = torch.randn(cols, generator=gen)  # distinct, with a few copies of the median
+    scores[2, 100:110] = scores[2].median()
+    scores = scores.to(DEVICE)
+    w = random_weight(rows, cols, torch.bfloat16)
+    for sparsity in (0.3, 0.5, 0.71):
+        ref = keep_mask_from_scores(scores, sparsity)
+        for select in ("two_level", "bisect"):
+            keep = triton_prune(w, scores, sparsity, inplace=False, select=select, small=small)
+            assert torch.equal(keep, ref), (select, sparsity)
+
+
+def test_two_level_select_many_small_buckets():
+    # small=16 keeps phase 1 counting over the whole row far longer than the default.
+    w = random_weight(4, 1536, torch.bfloat16, seed=3)
+    check_kernel(METHODS["wanda"], w, random_stats(1536, seed=3), 0.5, small=16, **TWO_LEVEL)
+
+
+def test_default_row_knobs_and_bad_select():
+    from optishear_lightning.kernels import triton_kernels as tk
+
+    assert tk.default_row_knobs(4096) == {"select": "bisect", "num_warps": 4, "coarse_bits": 32}
+    assert tk.default_row_knobs(14336)["num_warps"] == 16
+    assert tk.default_row_knobs(100)["num_warps"] == 4
+    with pytest.raises(ValueError, match="select must be one of"):
+        triton_prune(random_weight(2, 64), FusedScore(), 0.5, select="radix")
 
 
 def test_tie_break_prunes_lowest_columns_first():
@@ -269,3 +341,34 @@ def test_prune_end_to_end_same_model(method, sparsity, pattern):
     assert masks_t.keys() == masks_k.keys() and len(masks_t) == 7
     assert all(torch.equal(masks_t[n], masks_k[n]) for n in masks_t)
     assert all(torch.equal(params_t[n], params_k[n]) for n in params_t)
+
+
+@pytest.mark.parametrize(
+    "metric", [WANDA, MetaMetric("log", "sqrt", "column_sum", "none")], ids=str
+)
+def test_dispatching_keep_masks(metric, monkeypatch):
+    # The search's mask functions: PyTorch under "torch" (and on the CPU under "auto"), the
+    # kernels under "triton"; the same masks, weights untouched; layer groups stay on PyTorch.
+    from optishear_lightning.kernels import fused
+
+    calls = []
+    original = fused.triton_prune
+    monkeypatch.setattr(fused, "triton_prune", lambda *a, **k: calls.append(1) or original(*a, **k))
+    w = random_weight(4, 96, torch.bfloat16, levels=2)
+    before = w.clone()
+    stats = random_stats(96, ties=True)
+    scores = metric.score(w, stats)
+    for pattern, sparsity, group in [
+        ("unstructured", 0.5, "row"),
+        ("2:4", None, "row"),
+        ("unstructured", 0.3, "layer"),
+    ]:
+        ref = keep_mask_from_scores(scores, sparsity, pattern, group)
+        for backend, expect_kernel in [("torch", False), ("triton", group == "row")]:
+            calls.clear()
+            with kernel_backend(backend):
+                got = dispatch_keep_mask(metric, w, stats, sparsity, pattern, group)
+                assert torch.equal(got, ref)
+                assert torch.equal(keep_mask(scores, sparsity, pattern, group), ref)
+            assert bool(calls) == expect_kernel, (backend, pattern, group)
+    assert torch.equal(w, before)

@@ -49,8 +49,10 @@ __all__ = [
     "FUSABLE_TRANSFORMS",
     "KERNEL_DTYPES",
     "FusedScore",
+    "dispatch_keep_mask",
     "fused_keep_mask",
     "fused_score",
+    "keep_mask",
     "reference_keep_mask",
     "triton_prune",
     "try_fused_prune_",
@@ -204,6 +206,7 @@ def triton_prune(
     num_warps: int | None = None,
     coarse_bits: int | None = None,
     small: int | None = None,
+    select: str | None = None,
 ) -> Tensor | None:
     """Prune per output row (or per N:M group) with one Triton kernel launch.
 
@@ -221,11 +224,13 @@ def triton_prune(
         return_mask: also write and return the ``bool`` keep mask.
         check_nan: raise if a score is NaN (one device sync). The kernel never writes a row
             (N:M: a group) with a NaN score, but other rows are pruned before the error.
-        max_resident, num_warps, coarse_bits, small: launch knobs for tests and tuning (see
-            :func:`~optishear_lightning.kernels.triton_kernels.launch_rows`): the longest row
-            held in registers (longer rows are streamed in chunks), warps a program, key bits
-            counted over the whole row before the candidate bucket is copied out (32: never),
-            the bucket scratch size. ``None`` keeps the heuristics.
+        max_resident, num_warps, coarse_bits, small, select: launch knobs for tests and
+            tuning (see :func:`~optishear_lightning.kernels.triton_kernels.launch_rows`): the
+            longest row held in registers (longer rows are streamed in chunks), warps a
+            program, the k-th-key search of resident rows (``"two_level"`` or ``"bisect"``),
+            the bisection's key bits counted over the whole row before the candidate bucket is
+            copied out (32: never), the bucket scratch size (a power of two). ``None`` keeps
+            the heuristics.
 
     Returns:
         The keep mask (``True`` = kept), or ``None`` when ``return_mask=False``.
@@ -287,7 +292,7 @@ def triton_prune(
                 kernels.launch_rows(
                     target, scores, keep, nan_count, spec_tensors, consts, k,
                     write_weight=inplace, max_resident=max_resident or kernels.MAX_RESIDENT,
-                    num_warps=num_warps, small=small, coarse_bits=coarse_bits,
+                    num_warps=num_warps, small=small, coarse_bits=coarse_bits, select=select,
                 )  # fmt: skip
     if check_nan and int(nan_count.item()):
         raise ValueError(_NAN_SCORES_ERROR)
@@ -312,10 +317,12 @@ def _kernel_ready(weight: Tensor, pattern: SparsityPattern, group: str) -> bool:
     )
 
 
-def _engine_launch(weight: Tensor, score, sparsity, pattern: SparsityPattern) -> Tensor | None:
+def _engine_launch(
+    weight: Tensor, score, sparsity, pattern: SparsityPattern, inplace: bool = True
+) -> Tensor | None:
     global _auto_failure
     try:
-        return triton_prune(weight, score, sparsity, pattern)
+        return triton_prune(weight, score, sparsity, pattern, inplace=inplace)
     except ValueError:  # NaN scores, bad arguments: what the PyTorch path raises too
         raise
     except Exception as error:
@@ -377,6 +384,49 @@ def try_select_prune_(
     ):
         return None
     return _engine_launch(weight, scores, sparsity, pat)
+
+
+def keep_mask(
+    scores: Tensor,
+    sparsity: float | None,
+    pattern: str | SparsityPattern = "unstructured",
+    group: str = "row",
+) -> Tensor:
+    """:func:`~optishear_lightning.masks.keep_mask_from_scores` with the engine's dispatch.
+
+    The select-only kernel where the backend setting sends ``scores`` to the kernels (CUDA
+    under ``"auto"``), else (CPU, layer groups, float64, ...) PyTorch: the same mask.
+    """
+    pat = parse_pattern(pattern)
+    if _kernel_ready(scores, pat, group):
+        keep = _engine_launch(scores, scores, sparsity, pat, inplace=False)
+        if keep is not None:
+            return keep
+    return keep_mask_from_scores(scores, sparsity, pat, group)
+
+
+def dispatch_keep_mask(
+    method: Any,
+    weight: Tensor,
+    stats: Any,
+    sparsity: float | None,
+    pattern: str | SparsityPattern = "unstructured",
+    group: str = "row",
+) -> Tensor:
+    """Keep mask of ``method`` on ``weight`` (untouched), with the engine's dispatch.
+
+    The fused kernel where the backend setting sends ``weight`` to the kernels and ``method``
+    is fusable; otherwise ``method.score(weight, stats)`` and :func:`keep_mask`. The same
+    mask as ``keep_mask_from_scores(method.score(weight, stats), ...)`` either way.
+    """
+    pat = parse_pattern(pattern)
+    if _kernel_ready(weight, pat, group):
+        spec = fused_score(method, weight, stats)
+        if spec is not None:
+            keep = _engine_launch(weight, spec, sparsity, pat, inplace=False)
+            if keep is not None:
+                return keep
+    return keep_mask(method.score(weight, stats), sparsity, pat, group)
 
 
 def fused_keep_mask(

@@ -20,6 +20,10 @@ found by fixing its 32 bits from the top, each bit by one count of the keys belo
 then everything below ``t`` is pruned, plus the leftmost ties of ``t`` that are still needed
 (a prefix count of the ties). That is the first ``k`` of a stable ascending sort, the engine's
 tie-break. Rows up to :data:`MAX_RESIDENT` long are held in registers (one read of ``W``);
+optionally (``select="two_level"``, :func:`_select_two_level`) the whole-row counting stops
+once the bucket of keys sharing ``t``'s fixed bits is small, which is copied out in any order
+with atomic slots, and the remaining bits are counted over it (ties then pruned leftmost first
+without a prefix sum, :func:`_prune_leftmost`);
 after :data:`COARSE_BITS` bits the few keys that share ``t``'s top bits are copied to a per-row
 scratch and the last bits are counted over those only (a bucket larger than the scratch, i.e.
 massive ties, finishes over the whole row). Longer rows are streamed in chunks, recomputing
@@ -42,10 +46,15 @@ __all__ = [
     "INTERPRETED",
     "MAX_RESIDENT",
     "NORM_CODES",
+    "SELECTS",
     "TRANSFORM_CODES",
+    "default_row_knobs",
     "launch_nm",
     "launch_rows",
 ]
+
+#: The k-th-key searches of resident rows (``launch_rows(select=...)``), default first.
+SELECTS = ("bisect", "two_level")
 
 #: Longest row that is selected with the whole row in registers. 16384 keys over 16 warps are
 #: 32 registers a thread; LLaMA-3-8B's longest row (down_proj, 14336) fits.
@@ -143,12 +152,87 @@ def _keys(s, valid):
 
 
 @triton.jit
+def _select_two_level(key, k, counter, scratch, BLOCK: tl.constexpr, SMALL: tl.constexpr):
+    """k-th smallest key ``t`` of a resident row, ``count(key < t)`` and ``count(key == t)``.
+
+    Phase 1 fixes the bits of ``t`` from the top by counting over the whole row, and keeps
+    ``lo = count(key < t)`` and ``hi = count(key < t + 2 * bit)``: ``hi - lo`` is the size of
+    the bucket of keys that share ``t``'s fixed bits, known without extra counting. As soon as
+    it is at most ``SMALL`` (typically after 10-12 bits), the bucket is copied (in any order:
+    slots from an atomic counter, no prefix sum) to the row's scratch, and phase 2 fixes the
+    remaining bits by counting over those ``SMALL`` keys only (a few a thread).
+    """
+    t = tl.full([], 0, tl.uint32)
+    bit = tl.full([], 0x80000000, tl.uint32)
+    lo = tl.full([], 0, tl.int32)
+    hi = tl.full([], BLOCK, tl.int32)  # all keys, padding included, are < 2**32
+    used = tl.full([], 0, tl.int32)
+    while (hi - lo > SMALL) & (used < 32):
+        cand = t | bit
+        below = tl.sum((key < cand).to(tl.int32), axis=0)
+        take = below < k
+        t = tl.where(take, cand, t)
+        lo = tl.where(take, below, lo)
+        hi = tl.where(take, hi, below)
+        bit = bit >> 1
+        used += 1
+    if used < 32:
+        # used >= 1 here (hi - lo = BLOCK > SMALL at the start), so bit << 1 does not wrap.
+        in_bucket = (key ^ t) < (bit << 1)
+        tl.debug_barrier()  # the counter's zero (stored at the start) before any increment
+        slot = tl.atomic_add(
+            counter + tl.zeros_like(key).to(tl.int32), 1, mask=in_bucket, sem="relaxed"
+        )
+        tl.store(scratch + slot, key.to(tl.int32, bitcast=True), mask=in_bucket)
+        tl.debug_barrier()  # every thread's scratch writes visible to the whole block
+        small_offs = tl.arange(0, SMALL)
+        small = tl.load(scratch + small_offs, mask=small_offs < hi - lo, other=-1)
+        small = small.to(tl.uint32, bitcast=True)  # padding 0xFFFFFFFF: never below a cand
+        below_bucket = lo
+        for _ in range(32 - used):
+            cand = t | bit
+            below = below_bucket + tl.sum((small < cand).to(tl.int32), axis=0)
+            take = below < k
+            t = tl.where(take, cand, t)
+            lo = tl.where(take, below, lo)
+            bit = bit >> 1
+        n_tied = tl.sum((small == t).to(tl.int32), axis=0)
+    else:  # all 32 bits fixed over the whole row (massive ties): the bucket is t's ties
+        n_tied = hi - lo
+    return t, lo, n_tied
+
+
+@triton.jit
+def _prune_leftmost(key, t, need, n_tied, offs, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr):
+    """Prune mask: every key below ``t`` and the ``need`` leftmost of the ``n_tied`` ties."""
+    below = key < t
+    tied = key == t
+    if need >= n_tied:  # the usual case (one tie, needed): every tie goes
+        prune = below | tied
+    elif need <= 0:  # k = 0
+        prune = below
+    else:
+        # The need-th tie's column c is the largest c with count(ties left of c) < need:
+        # fixed bit by bit like t (no prefix sum over the row; only tie-heavy rows get here).
+        c = tl.full([], 0, tl.int32)
+        col_bit = tl.full([], BLOCK // 2, tl.int32)
+        for _ in range(LOG_BLOCK):
+            cand = c | col_bit
+            left = tl.sum((tied & (offs < cand)).to(tl.int32), axis=0)
+            c = tl.where(left < need, cand, c)
+            col_bit = col_bit >> 1
+        prune = below | (tied & (offs <= c))
+    return prune
+
+
+@triton.jit
 def _row_kernel(
     w_ptr,
     s_ptr,
     keep_ptr,
     nan_ptr,
     scratch_ptr,
+    counter_ptr,
     x_ptr,
     nrow_ptr,
     ncol_ptr,
@@ -169,10 +253,35 @@ def _row_kernel(
     BLOCK: tl.constexpr,
     SMALL: tl.constexpr,
     COARSE_BITS: tl.constexpr,
+    SELECT: tl.constexpr,
+    LOG_BLOCK: tl.constexpr,
 ):
     """One program per row: prune the ``k`` lowest scores, ties to the lowest column."""
     row = tl.program_id(0).to(tl.int64)
-    if RESIDENT:
+    if RESIDENT and SELECT == 1:
+        offs = tl.arange(0, BLOCK)
+        valid = offs < n_cols
+        counter = counter_ptr + row
+        tl.store(counter, 0)  # bucket slot counter, used after the barriers below
+        s = _score(
+            w_ptr, s_ptr, x_ptr, nrow_ptr, ncol_ptr, nscal_ptr, row, offs, valid,
+            stride_w, stride_s, SOURCE, TRANSFORM, NORM, HAS_X, CLAMP,
+        )  # fmt: skip
+        n_nan = tl.sum(((s != s) & valid).to(tl.int32), axis=0)
+        key = _keys(s, valid)
+        t, n_below, n_tied = _select_two_level(
+            key, k, counter, scratch_ptr + row * SMALL, BLOCK, SMALL
+        )
+        prune = _prune_leftmost(key, t, k - n_below, n_tied, offs, BLOCK, LOG_BLOCK)
+        inb = n_cols > offs
+        if WRITE_W:  # noqa: SIM102 (compile-time flag, then a runtime condition)
+            if n_nan == 0:
+                w_row = (w_ptr + offs) + row * stride_w
+                w = tl.load(w_row, mask=inb)
+                tl.store(w_row, tl.where(prune, tl.zeros_like(w), w), mask=inb)
+        if WRITE_KEEP:
+            tl.store((keep_ptr + offs) + row * stride_k, prune == 0, mask=inb)
+    elif RESIDENT:
         offs = tl.arange(0, BLOCK)
         valid = offs < n_cols
         s = _score(
@@ -382,35 +491,68 @@ def launch_rows(
     num_warps: int | None = None,
     small: int | None = None,
     coarse_bits: int | None = None,
+    select: str | None = None,
 ) -> None:
     """Launch the row kernel (one program per output row); see :func:`fused.triton_prune`.
 
-    ``coarse_bits`` (1..32) are counted over the whole row before the candidate bucket is
-    copied to a per-row scratch of ``small`` keys (a power of two; default an eighth of the
-    row, several times the usual bucket); 32 bisects over the whole row throughout.
+    ``select`` picks the k-th-key search of rows held in registers (longer rows are always
+    streamed and bisected): ``"two_level"`` bisects over the whole row only until
+    the candidate bucket holds at most ``small`` keys, then over that bucket (see
+    :func:`_select_two_level`); ``"bisect"`` (default) is the earlier search: ``coarse_bits``
+    (1..32) counted over the whole row, then a bucket of at most ``small`` keys (copied with a
+    prefix sum) for the remaining bits; 32 bisects over the whole row throughout.
+    Defaults (see :func:`default_row_knobs`): 32 keys a thread (4 warps up to 4096-long rows,
+    16 for 16384), ``small`` two keys a thread (two-level) or an eighth of the row (bisect),
+    ``coarse_bits`` 32.
     """
     rows, cols = weight.shape
     w, s, kp, x, nrow, ncol, nscal = _pointers(weight, scores, keep, spec_tensors)
     resident = triton.next_power_of_2(cols) <= max_resident
     block = triton.next_power_of_2(cols) if resident else min(4096, max_resident)
+    knobs = default_row_knobs(cols, max_resident)
+    select = select or knobs["select"]
+    if select not in SELECTS:
+        raise ValueError(f"select must be one of {SELECTS}, got {select!r}.")
+    two_level = resident and select == "two_level"
+    num_warps = num_warps or knobs["num_warps"]
     if coarse_bits is None:
-        coarse_bits = COARSE_BITS if resident else 32
-    if num_warps is None:
-        # 8 keys a thread (the bucket copy needs ~6 registers a key) up to 4096-long rows; longer
-        # rows take 16 warps and spill a little around the copy, outside every loop: still
-        # ~40% fewer instructions than bisecting over the whole row (benchmarks/ sweeps both).
-        num_warps = max(4, min(16, block // 256))
-    small = small or max(16, block // 8)
-    scratch_rows = rows if resident and coarse_bits < 32 else 1
+        coarse_bits = knobs["coarse_bits"]
+    if small is None:
+        # Two-level: two keys a thread in phase 2. Bisect: an eighth of the row, several times
+        # the usual bucket after 12 bits.
+        small = max(16, 2 * 32 * num_warps) if two_level else max(16, block // 8)
+    if two_level:
+        small = min(small, block // 2)  # phase 1 needs SMALL < BLOCK (a power of two)
+    scratch_rows = rows if resident and (two_level or coarse_bits < 32) else 1
     scratch = torch.empty((scratch_rows, small), dtype=torch.int32, device=w.device)
+    counter = torch.empty((rows if two_level else 1,), dtype=torch.int32, device=w.device)
     _row_kernel[(rows,)](
-        w, s, kp, nan_count, scratch, x, nrow, ncol, nscal,
+        w, s, kp, nan_count, scratch, counter, x, nrow, ncol, nscal,
         cols, k, weight.stride(0), 0 if scores is None else scores.stride(0),
         0 if keep is None else keep.stride(0),
         WRITE_W=write_weight, WRITE_KEEP=keep is not None, RESIDENT=resident, BLOCK=block,
-        SMALL=small, COARSE_BITS=coarse_bits,
+        SMALL=small, COARSE_BITS=coarse_bits, SELECT=int(two_level),
+        LOG_BLOCK=block.bit_length() - 1,
         num_warps=num_warps, enable_fp_fusion=False, **consts,
     )  # fmt: skip
+
+
+def default_row_knobs(cols: int, max_resident: int = MAX_RESIDENT) -> dict:
+    """The row kernel's default launch knobs for rows of ``cols`` weights.
+
+    The bisection with ``coarse_bits=32`` (no bucket copy) and 32 keys a thread
+    (``next_power_of_2(cols) // 1024`` warps, 4 to 16): the fastest in the H200 sweep
+    (benchmarks/results/kernels_h200.md: 4 warps on 4096-long rows, 16 on 14336-long ones,
+    1.3-1.6x the earlier heuristics). The two-level search runs ~60% fewer counting
+    instructions but, compiled by Triton 3.6 for sm_90, needs more registers (140 vs 118 a
+    thread at 4096/4 warps, 117 vs 64 at 16384/16) and a chain of warp-aggregated global
+    atomics for the bucket copy; it stays opt-in until the GPU sweep
+    (benchmarks/bench_kernels.py) shows it faster.
+    """
+    block = triton.next_power_of_2(cols)
+    if block > max_resident:
+        block = min(4096, max_resident)
+    return {"select": "bisect", "num_warps": max(4, min(16, block // 1024)), "coarse_bits": 32}
 
 
 def launch_nm(

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..calibration import LayerStats, run_sequential
-from ..masks import SparsityPattern, keep_mask_from_scores, num_pruned
+from ..kernels.fused import dispatch_keep_mask, keep_mask
+from ..masks import SparsityPattern, num_pruned
 from ..models import find_decoder_blocks, find_prunable_linears
 from .space import MetaMetric
 
@@ -146,8 +147,10 @@ class SearchContext:
         if self.pattern.is_nm or self.group != "row":
             for linears, names, ratio in zip(self.linears, self.names, ratios, strict=True):
                 for lin, fqn in zip(linears.values(), names, strict=True):
-                    scores = metric.score(self.dense[fqn], self.stats[fqn])
-                    keep = keep_mask_from_scores(scores, ratio, self.pattern, self.group)
+                    # Fused kernel on CUDA; on the CPU metric.score + keep_mask_from_scores.
+                    keep = dispatch_keep_mask(
+                        metric, self.dense[fqn], self.stats[fqn], ratio, self.pattern, self.group
+                    )
                     torch.mul(self.dense[fqn], keep, out=lin.weight.data)
             return
         self._prepare_ranks(metric)
@@ -215,7 +218,7 @@ class SearchContext:
                     # Row masks are independent, so a row sample estimates the error sum
                     # at a fraction of the cost (the Gram product dominates it).
                     w, scores = w[pick], scores[pick]
-                keep = keep_mask_from_scores(scores, sparsity, self.pattern, self.group)
+                keep = keep_mask(scores, sparsity, self.pattern, self.group)  # kernel on CUDA
                 delta = w * ~keep
                 with _fast_fp32_matmul(w.device):
                     err = ((delta @ st.gram) * delta).sum()
