@@ -6,10 +6,11 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
+from optishear_lightning.datamodule import TextDataModule
 from optishear_lightning.evaluation import perplexity
 from optishear_lightning.module import CausalLMModule, batch_input_ids
 
-from .conftest import tiny_llama
+from .conftest import SHARED_DATA, requires_shared_data, requires_smollm2, tiny_llama
 from .test_callback import datamodule, tokens
 
 pytestmark = [
@@ -79,3 +80,24 @@ def test_bad_arguments():
         CausalLMModule(tiny_llama(layers=1), zero_shot_tasks=["piqa"])
     with pytest.raises(ValueError, match="input_ids"):
         batch_input_ids({"ids": tokens(2, 8)})
+
+
+@requires_smollm2
+@requires_shared_data
+@pytest.mark.slow
+def test_zero_shot_accuracy_is_logged_at_test_end(tmp_path, smollm2_dir):
+    module = CausalLMModule(
+        str(smollm2_dir),
+        zero_shot_tasks=["arc_easy", "piqa"],
+        zero_shot_dir=str(SHARED_DATA / "zeroshot"),
+        zero_shot_limit=4,
+    )
+    dm = TextDataModule(
+        str(smollm2_dir), train_data=None, val_data=None, calibration_data=None,
+        test_data=SHARED_DATA / "wikitext2" / "wiki.test.raw", seq_len=32, test_windows=2,
+    )  # fmt: skip
+    result = quiet_trainer(tmp_path).test(module, datamodule=dm, verbose=False)[0]
+    for task in ("arc_easy", "piqa"):
+        assert 0.0 <= result[f"test/{task}_acc"] <= 1.0
+        assert 0.0 <= result[f"test/{task}_acc_norm"] <= 1.0
+    assert result["test/ppl"] > 1.0
