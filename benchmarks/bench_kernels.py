@@ -32,15 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-SHAPES_8B = {  # name: (out_features, in_features)
-    "q_proj": (4096, 4096),
-    "k_proj": (1024, 4096),
-    "v_proj": (1024, 4096),
-    "o_proj": (4096, 4096),
-    "gate_proj": (14336, 4096),
-    "up_proj": (14336, 4096),
-    "down_proj": (4096, 14336),
-}
+from llama3_8b import SHAPES_8B
+
 SHAPES_TINY = {  # row lengths 96 and 160: not powers of two, like 14336
     "q_proj": (16, 96),
     "k_proj": (8, 96),

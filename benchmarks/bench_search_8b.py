@@ -16,20 +16,10 @@ import time
 from pathlib import Path
 
 import torch
+from llama3_8b import LLAMA3_8B
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from optishear_lightning.search import optishear_search
-
-LLAMA3_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=8192,
-    rope_theta=500000.0,
-)
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from llama3_8b import LLAMA3_8B, SHAPES_8B
 
 from optishear_lightning.kernels import (
     FusedScore,
@@ -41,15 +42,6 @@ from optishear_lightning.kernels import (
 )
 from optishear_lightning.masks import keep_mask_from_scores
 
-SHAPES_8B = {
-    "q_proj": (4096, 4096),
-    "k_proj": (1024, 4096),
-    "v_proj": (1024, 4096),
-    "o_proj": (4096, 4096),
-    "gate_proj": (14336, 4096),
-    "up_proj": (14336, 4096),
-    "down_proj": (4096, 14336),
-}
 SHAPES_TINY = {
     "q_proj": (256, 256),
     "k_proj": (64, 256),
@@ -63,16 +55,6 @@ GROUPS = {
     "attention (q+k+v+o)": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "MLP (gate+up+down)": ("gate_proj", "up_proj", "down_proj"),
 }
-LLAMA3_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=8192,
-    rope_theta=500000.0,
-)
 LLAMA_TINY = dict(
     LLAMA3_8B,
     vocab_size=1024,
