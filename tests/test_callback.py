@@ -348,3 +348,13 @@ def test_search_result_for_another_model_fails_before_pruning(tmp_path):
     with pytest.raises(ValueError, match="decoder blocks"):
         trainer(tmp_path, cb2, max_steps=1).fit(other, datamodule=datamodule())
     assert all(torch.equal(w, dense[n]) for n, w in pruned_weights(other).items())
+
+
+def test_sharded_strategies_are_refused_before_any_work():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    cb = OptiShearCallback(method="wanda", progress=False)
+    with pytest.raises(ValueError, match="single-device and DDP"):
+        cb.setup(SimpleNamespace(strategy=FSDPStrategy()), None, "fit")

@@ -41,6 +41,7 @@ __all__ = ["OptiShearCallback"]
 SEARCH_FILE = "optishear_search.json"
 STATE_FILE = "optishear_search_state.json"
 _STATE_VERSION = 1
+_SHARDED_STRATEGIES = {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"}
 
 
 class OptiShearCallback(Callback):
@@ -222,6 +223,17 @@ class OptiShearCallback(Callback):
         }
 
     # Lightning hooks -----------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Sharded strategies split each weight across ranks; the masks and the pruning here
+        # assume every rank holds whole weights (single device, DDP). Fail before any work.
+        name = type(trainer.strategy).__name__
+        if name in _SHARDED_STRATEGIES:
+            raise ValueError(
+                f"OptiShearCallback supports single-device and DDP training, not {name} "
+                "(weights sharded across ranks); use strategy='ddp', or prune first with "
+                "`optishear prune` and fine-tune the exported model."
+            )
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._restored is not None:
             self._resume(pl_module, self._restored)
