@@ -340,19 +340,19 @@ class OptiShearCallback(Callback):
         model, prefix = self._find_model(pl_module)
         saved = self._load_search_result(model)
         distributed = trainer.world_size > 1 and torch.distributed.is_initialized()
-        result = None
+        result = masks = None
         if not distributed or trainer.is_global_zero:
             batches = self._calibration_batches(trainer, pl_module, model, datamodule)
             result = self._prune_model(trainer, model, batches, saved)
-            keep = {f"{prefix}{name}": mask for name, mask in result.masks.items()}
+            masks = SparseMasks.from_keep_masks(pl_module, result.masks, prefix)
         if distributed:
-            keep = self._broadcast(trainer, pl_module, keep if trainer.is_global_zero else None)
-        self.masks = SparseMasks(pl_module, keep)
+            masks = self._broadcast(trainer, pl_module, masks)
+        self.masks = masks
         self.summary = {
             "method": self.method,
             "overall_sparsity": self.masks.sparsity(),
             "seconds": result.seconds if result is not None else None,
-            "n_calibration_samples": result.n_calibration_samples if result else None,
+            "n_calibration_samples": result.n_calibration_samples if result is not None else None,
         }
         self._report(trainer)
 
@@ -463,16 +463,18 @@ class OptiShearCallback(Callback):
         return as_calibration_batches(rows, self.calibration_batch_size)
 
     def _broadcast(
-        self, trainer: Trainer, pl_module: LightningModule, keep: dict | None
-    ) -> dict[str, torch.Tensor]:
-        """Give every rank rank 0's masks and pruned weights (SparseGPT also changes values)."""
+        self, trainer: Trainer, pl_module: LightningModule, masks: SparseMasks | None
+    ) -> SparseMasks:
+        """Give every rank rank 0's ``masks`` and pruned weights (SparseGPT also changes values).
+
+        ``masks`` is rank 0's (``None`` elsewhere); every rank returns the same masks.
+        """
         from .search import SearchResult
 
         payload = None
-        if keep is not None:
-            packed = SparseMasks(pl_module, keep).packed()
+        if masks is not None:
             payload = {
-                "masks": packed,
+                "masks": masks.packed(),
                 "found": self.found.to_dict() if self.found is not None else None,
             }
         payload = trainer.strategy.broadcast(payload, src=0)
@@ -481,10 +483,7 @@ class OptiShearCallback(Callback):
             torch.distributed.broadcast(params[name].data, src=0)
         if payload["found"] is not None and self.found is None:
             self.found = SearchResult.from_dict(payload["found"])
-        return {
-            name: SparseMasks.from_packed(pl_module, {name: entry}).keep_mask(name)
-            for name, entry in payload["masks"].items()
-        }
+        return masks if masks is not None else SparseMasks.from_packed(pl_module, payload["masks"])
 
     # Outputs -------------------------------------------------------------------------------
     def _save_dir(self, trainer: Trainer) -> Path:

@@ -354,13 +354,25 @@ def try_fused_prune_(
     this weight to PyTorch or when ``method`` is not fusable; under ``"auto"`` also when the
     kernels fail to compile or launch (with a warning, once: they stay off afterwards).
     """
-    pat = parse_pattern(pattern)
-    if not _kernel_ready(weight, pat, group):
+    return _try_fused(weight, method, stats, sparsity, parse_pattern(pattern), group, True)
+
+
+def _try_fused(
+    weight: Tensor,
+    method: Any,
+    stats: Any,
+    sparsity: float | None,
+    pattern: SparsityPattern,
+    group: str,
+    inplace: bool,
+) -> Tensor | None:
+    """The fused kernel's keep mask, or ``None`` where the dispatch says PyTorch."""
+    if not _kernel_ready(weight, pattern, group):
         return None
     spec = fused_score(method, weight, stats)
     if spec is None:
         return None
-    return _engine_launch(weight, spec, sparsity, pat)
+    return _engine_launch(weight, spec, sparsity, pattern, inplace=inplace)
 
 
 def try_select_prune_(
@@ -420,12 +432,9 @@ def dispatch_keep_mask(
     mask as ``keep_mask_from_scores(method.score(weight, stats), ...)`` either way.
     """
     pat = parse_pattern(pattern)
-    if _kernel_ready(weight, pat, group):
-        spec = fused_score(method, weight, stats)
-        if spec is not None:
-            keep = _engine_launch(weight, spec, sparsity, pat, inplace=False)
-            if keep is not None:
-                return keep
+    keep = _try_fused(weight, method, stats, sparsity, pat, group, inplace=False)
+    if keep is not None:
+        return keep
     return keep_mask(method.score(weight, stats), sparsity, pat, group)
 
 
