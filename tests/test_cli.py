@@ -93,6 +93,17 @@ def test_print_config_lists_every_section():
         assert key in proc.stdout
 
 
+def test_null_data_sources_parse_as_none():
+    """`--data.val_data null` must mean "no split", not a source named "None"."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "optishear_lightning.cli", "prune", "--data.val_data", "null",
+         "--data.calibration_data", "null", "--print_config"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "  val_data: null" in proc.stdout and "  calibration_data: null" in proc.stdout
+
+
 def test_unknown_method_in_config_fails_before_loading_anything(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("optishear:\n  method: obs\n")

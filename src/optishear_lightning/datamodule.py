@@ -16,7 +16,6 @@ leaves the split out. ``calibration_dataloader()`` is what
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -28,7 +27,9 @@ from .models import load_tokenizer
 
 __all__ = ["TextDataModule"]
 
-Source = str | os.PathLike | torch.Tensor | None
+# A pathlib.Path works too; it is left out of the annotation because with os.PathLike in the
+# union, jsonargparse turns the CLI's `null` into the string "None" instead of None.
+Source = str | torch.Tensor | None
 
 
 class TextDataModule(LightningDataModule):
