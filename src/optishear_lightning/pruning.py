@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .calibration import LayerStats, run_sequential
+from .kernels.fused import deferred_nan_checks
 from .masks import Group, check_pattern_fits, parse_pattern, validate_sparsity
 from .metrics import PruningMethod, get_method
 from .models import find_decoder_blocks, find_prunable_linears
@@ -290,15 +291,23 @@ def prune(
     started = time.perf_counter()
 
     def prune_block(index: int, block_name: str, block: nn.Module, stats: dict[str, LayerStats]):
-        for name, lin in linears_per_block[index].items():
-            fqn = f"{block_name}.{name}.weight"
-            params[fqn] = lin.weight
-            if atomic:
-                backups[fqn] = lin.weight.detach().to("cpu", copy=True)
-            keep = pm.prune_(lin.weight, stats.get(name), ratios[index], pat, group)
-            result.layer_sparsity[fqn] = 1.0 - keep.float().mean().item()
-            if keep_masks:
-                result.masks[fqn] = keep.cpu()
+        kept: dict[str, torch.Tensor] = {}
+        # One device sync per block, not per matrix: the kernels' NaN checks and the kept
+        # fractions are read back together at the end.
+        with deferred_nan_checks():
+            for name, lin in linears_per_block[index].items():
+                fqn = f"{block_name}.{name}.weight"
+                params[fqn] = lin.weight
+                if atomic:
+                    backups[fqn] = lin.weight.detach().to("cpu", copy=True)
+                keep = pm.prune_(lin.weight, stats.get(name), ratios[index], pat, group)
+                kept[fqn] = keep.float().mean()
+                if keep_masks:
+                    result.masks[fqn] = keep.cpu()
+        if kept:
+            fractions = torch.stack([v.to(run_device) for v in kept.values()]).tolist()
+            for fqn, fraction in zip(kept, fractions, strict=True):
+                result.layer_sparsity[fqn] = 1.0 - fraction
         return True
 
     try:

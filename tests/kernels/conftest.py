@@ -18,7 +18,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from optishear_lightning.calibration import LayerStats
-from optishear_lightning.kernels import set_kernel_backend, triton_available
+from optishear_lightning.kernels import (
+    fused_score,
+    reference_keep_mask,
+    set_kernel_backend,
+    triton_available,
+    triton_prune,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -52,3 +58,29 @@ def random_weight(rows: int, cols: int, dtype=torch.float32, seed: int = 0, leve
     else:
         w = torch.randn(rows, cols, generator=gen)
     return w.to(dtype).to(DEVICE)
+
+
+def check_kernel(method, w, stats, sparsity, pattern="unstructured", **knobs):
+    """Kernel mask == reference mask, and the in-place weights == the reference's pruning."""
+    ref = reference_keep_mask(method, w, stats, sparsity, pattern)
+    spec = fused_score(method, w, stats)
+    score = spec if spec is not None else method.score(w.float(), stats)
+    keep = triton_prune(w, score, sparsity, pattern, inplace=False, **knobs)
+    assert torch.equal(keep, ref), f"{(~keep ^ ~ref).sum()} of {ref.numel()} entries differ"
+    pruned = w.clone()
+    keep2 = triton_prune(pruned, score, sparsity, pattern, **knobs)
+    assert torch.equal(keep2, ref)
+    assert torch.equal(pruned, w.masked_fill(~ref, 0))
+    return ref
+
+
+#: (cols, dtype, method, quantization levels) of the row-selection cases: row lengths that are
+#: not powers of two, every kernel dtype, tie-heavy quantized weights.
+ROW_CASES = [
+    (96, torch.float32, "wanda", 0),
+    (100, torch.bfloat16, "magnitude", 2),
+    (576, torch.float16, "wanda", 0),
+    (576, torch.bfloat16, "ria", 2),
+    (1536, torch.bfloat16, "wanda", 0),
+    (1536, torch.float32, "magnitude", 1),
+]

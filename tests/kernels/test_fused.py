@@ -19,25 +19,11 @@ from optishear_lightning.masks import keep_mask_from_scores, num_pruned, parse_p
 from optishear_lightning.metrics import METHODS, prune_by_scores_
 from optishear_lightning.search.space import MAGNITUDE, WANDA, MetaMetric
 
-from .conftest import DEVICE, random_stats, random_weight, requires_triton
+from .conftest import DEVICE, ROW_CASES, check_kernel, random_stats, random_weight, requires_triton
 
 pytestmark = requires_triton
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def check_kernel(method, w, stats, sparsity, pattern="unstructured", **knobs):
-    """Kernel mask == reference mask, and the in-place weights == the reference's pruning."""
-    ref = reference_keep_mask(method, w, stats, sparsity, pattern)
-    spec = fused_score(method, w, stats)
-    score = spec if spec is not None else method.score(w.float(), stats)
-    keep = triton_prune(w, score, sparsity, pattern, inplace=False, **knobs)
-    assert torch.equal(keep, ref), f"{(~keep ^ ~ref).sum()} of {ref.numel()} entries differ"
-    pruned = w.clone()
-    keep2 = triton_prune(pruned, score, sparsity, pattern, **knobs)
-    assert torch.equal(keep2, ref)
-    assert torch.equal(pruned, w.masked_fill(~ref, 0))
-    return ref
 
 
 @pytest.mark.parametrize(
@@ -98,14 +84,7 @@ TWO_LEVEL = {"select": "two_level"}
 
 @pytest.mark.parametrize(
     ("cols", "dtype", "method", "levels"),
-    [
-        (96, torch.float32, "wanda", 0),
-        (100, torch.bfloat16, "magnitude", 2),
-        (576, torch.float16, "wanda", 0),
-        (576, torch.bfloat16, "ria", 2),
-        (1536, torch.bfloat16, "wanda", 0),
-        (1536, torch.float32, "magnitude", 1),
-    ],
+    ROW_CASES,
 )
 @pytest.mark.parametrize("sparsity", [0.5, 0.13])
 def test_two_level_select_matches_reference(cols, dtype, method, levels, sparsity):
@@ -372,3 +351,28 @@ def test_dispatching_keep_masks(metric, monkeypatch):
                 assert torch.equal(keep_mask(scores, sparsity, pattern, group), ref)
             assert bool(calls) == expect_kernel, (backend, pattern, group)
     assert torch.equal(w, before)
+
+
+def test_deferred_nan_checks_raise_once_at_the_end():
+    from optishear_lightning.kernels import deferred_nan_checks
+
+    magnitude, unstructured = METHODS["magnitude"], parse_pattern("unstructured")
+    good, bad = random_weight(3, 64, seed=1), random_weight(3, 64, seed=2)
+    bad[1, 5] = float("nan")
+    pruned_bad, pruned_good = bad.clone(), good.clone()
+    with kernel_backend("triton"):
+        with pytest.raises(ValueError, match="contain NaN"), deferred_nan_checks():
+            magnitude.prune_(pruned_bad, None, 0.5, unstructured)  # no error yet
+            with deferred_nan_checks():  # nested: the outer context checks
+                magnitude.prune_(pruned_good, None, 0.5, unstructured)
+            reached = True
+        assert reached  # the launch after the NaN ran before the error
+        assert (pruned_good == 0).sum() == 3 * 32 and (pruned_bad[0] == 0).sum() == 32
+        assert pruned_bad[1].nan_to_num().equal(bad[1].nan_to_num())  # its row untouched
+        with deferred_nan_checks():  # finite scores: no error, the same masks as without
+            keep = magnitude.prune_(good.clone(), None, 0.5, unstructured)
+        assert torch.equal(keep, magnitude.prune_(good.clone(), None, 0.5, unstructured))
+        with pytest.raises(KeyError), deferred_nan_checks():  # the body's error wins
+            magnitude.prune_(bad.clone(), None, 0.5, unstructured)
+            raise KeyError("body")
+        magnitude.prune_(good.clone(), None, 0.5, unstructured)  # the context is gone

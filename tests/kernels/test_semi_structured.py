@@ -48,7 +48,7 @@ def test_is_2to4_and_check():
 
 def test_backend_names():
     assert resolve_backend("CUTLASS") == "cutlass"
-    assert resolve_backend("auto") in ("cutlass", "cusparselt")
+    assert resolve_backend("auto") in ("cutlass", "cusparselt", "cusparselt_cached")
     with pytest.raises(ValueError, match="auto, cusparselt, cutlass"):
         resolve_backend("sputnik")
 
@@ -114,7 +114,7 @@ def test_export_on_gpu_matches_dense():
     model = tiny_llama(layers=2, hidden=128).to(device="cuda", dtype=torch.bfloat16)
     prune_2to4_(model)
     ids = torch.randint(0, 128, (2, 64), device="cuda")
-    result = export_semi_structured(model, example_inputs=ids)
+    result = export_semi_structured(model, "cusparselt", example_inputs=ids)
     assert len(result.names) == 14
     assert all(check.ok for check in result.layer_checks.values())
     assert result.model_check is not None and result.model_check.ok
@@ -122,3 +122,66 @@ def test_export_on_gpu_matches_dense():
         assert isinstance(lin.weight, SparseSemiStructuredTensor)
     with pytest.raises(TypeError, match="float32"):
         check_semi_structured_support(two_four(64, 64, torch.float32, "cuda"), "cusparselt")
+
+
+def test_cusparselt_cached_backend_checks():
+    from optishear_lightning.kernels import CuSparseLtLinear
+
+    assert resolve_backend("cusparselt_cached") == "cusparselt_cached"
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        check_semi_structured_support(two_four(64, 64, torch.float32), "cusparselt_cached")
+    with pytest.raises(ValueError, match="multiples of 16 and at least 32"):
+        check_semi_structured_support(two_four(40, 64), "cusparselt_cached")
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        check_semi_structured_support(torch.ones(64, 64, dtype=torch.bfloat16), "cusparselt_cached")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="run on CUDA GPUs only"):
+            check_semi_structured_support(two_four(64, 64), "cusparselt_cached")
+        lin = torch.nn.Linear(64, 64, bias=False, dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match="move the model to the GPU"):
+            CuSparseLtLinear(lin)
+
+
+@requires_cuda
+def test_cusparselt_linear_matches_dense():
+    from optishear_lightning.kernels import CuSparseLtLinear, cusparselt_library_available
+
+    if torch.cuda.get_device_capability()[0] < 8 or not cusparselt_library_available():
+        pytest.skip("needs sparse tensor cores and the cuSPARSELt library")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    lin = torch.nn.Linear(256, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(two_four(128, 256, device="cuda"))
+    sparse = CuSparseLtLinear(lin)
+    for tokens in (64, 100, 64):  # 100: rows padded to 16; 64 again: the cached plan
+        x = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16, generator=gen)
+        check = compare_outputs(lin(x), sparse(x))
+        assert check.ok, (tokens, check)
+    assert sorted(sparse._plans) == [64, 112]
+    x = torch.randn(2, 3, 256, device="cuda", dtype=torch.bfloat16, generator=gen)
+    assert sparse(x).shape == (2, 3, 128)
+    with pytest.raises(ValueError, match=r"takes torch\.bfloat16 inputs"):
+        sparse(x.float())
+
+
+@requires_cuda
+def test_export_cusparselt_cached_and_restore_on_failure():
+    from optishear_lightning.kernels import CuSparseLtLinear, cusparselt_library_available
+
+    if torch.cuda.get_device_capability()[0] < 8 or not cusparselt_library_available():
+        pytest.skip("needs sparse tensor cores and the cuSPARSELt library")
+    model = tiny_llama(layers=2, hidden=128).to(device="cuda", dtype=torch.bfloat16)
+    prune_2to4_(model)
+    ids = torch.randint(0, 128, (2, 64), device="cuda")
+    with torch.no_grad():
+        dense_logits = model(ids).logits
+    originals = named_prunable_linears(model)
+    with pytest.raises(ValueError, match="differs from dense"):  # rtol < 0: every check fails
+        export_semi_structured(model, "cusparselt_cached", rtol=-1.0)
+    assert named_prunable_linears(model) == originals  # the dense modules are back
+    result = export_semi_structured(model, "cusparselt_cached", example_inputs=ids)
+    assert len(result.names) == 14 and result.model_check.ok
+    modules = dict(model.named_modules())
+    assert all(isinstance(modules[n], CuSparseLtLinear) for n in result.names)
+    with torch.no_grad():
+        assert compare_outputs(dense_logits, model(ids).logits, rtol=2.0**-4).ok

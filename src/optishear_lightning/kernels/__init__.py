@@ -6,6 +6,8 @@
   :func:`set_kernel_backend`, :func:`kernel_backend`).
 - :mod:`.semi_structured`: convert 2:4-pruned linears to PyTorch's semi-structured sparse
   format for faster inference, and check the outputs against the dense model.
+- :mod:`.cusparselt`: :class:`CuSparseLtLinear`, a 2:4 linear on cuSPARSELt that builds its
+  matmul plans once (the ``"cusparselt_cached"`` export backend).
 
 Importing this package does not import Triton: the kernels are loaded on first use.
 """
@@ -19,10 +21,12 @@ from .backend import (
     set_kernel_backend,
     triton_available,
 )
+from .cusparselt import CuSparseLtError, CuSparseLtLinear, cusparselt_library_available
 from .fused import (
     FUSABLE_TRANSFORMS,
     KERNEL_DTYPES,
     FusedScore,
+    deferred_nan_checks,
     dispatch_keep_mask,
     fused_keep_mask,
     fused_score,
@@ -49,6 +53,8 @@ __all__ = [
     "FUSABLE_TRANSFORMS",
     "KERNEL_DTYPES",
     "SEMI_STRUCTURED_BACKENDS",
+    "CuSparseLtError",
+    "CuSparseLtLinear",
     "FusedScore",
     "KernelBackend",
     "OutputCheck",
@@ -56,6 +62,8 @@ __all__ = [
     "check_2to4",
     "check_semi_structured_support",
     "compare_outputs",
+    "cusparselt_library_available",
+    "deferred_nan_checks",
     "dispatch_keep_mask",
     "export_semi_structured",
     "fused_keep_mask",

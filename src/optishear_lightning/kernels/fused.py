@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import inspect
 import sys
+import threading
 import warnings
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +51,7 @@ __all__ = [
     "FUSABLE_TRANSFORMS",
     "KERNEL_DTYPES",
     "FusedScore",
+    "deferred_nan_checks",
     "dispatch_keep_mask",
     "fused_keep_mask",
     "fused_score",
@@ -207,6 +210,9 @@ def triton_prune(
     coarse_bits: int | None = None,
     small: int | None = None,
     select: str | None = None,
+    nm_impl: str | None = None,
+    nm_block: int | None = None,
+    nan_count: Tensor | None = None,
 ) -> Tensor | None:
     """Prune per output row (or per N:M group) with one Triton kernel launch.
 
@@ -231,6 +237,11 @@ def triton_prune(
             the bisection's key bits counted over the whole row before the candidate bucket is
             copied out (32: never), the bucket scratch size (a power of two). ``None`` keeps
             the heuristics.
+        nm_impl, nm_block: N:M launch knobs (see
+            :func:`~optishear_lightning.kernels.triton_kernels.launch_nm`).
+        nan_count: a 1-element int32 tensor on the weight's device that the kernel adds the
+            number of NaN scores to, for a caller that checks once for many launches
+            (``check_nan`` then usually ``False``; see :func:`deferred_nan_checks`).
 
     Returns:
         The keep mask (``True`` = kept), or ``None`` when ``return_mask=False``.
@@ -279,14 +290,24 @@ def triton_prune(
             "triton_kernels is first imported, or move the tensors to a CUDA device."
         )
     keep = torch.empty((rows, cols), dtype=torch.bool, device=device) if return_mask else None
-    nan_count = torch.zeros(1, dtype=torch.int32, device=device)
+    if nan_count is None:
+        # A count nobody reads goes to a shared scratch counter: no allocation and no fill
+        # kernel per launch (launch overhead dominates the N:M kernel on small matrices).
+        nan_count = (
+            torch.zeros(1, dtype=torch.int32, device=device)
+            if check_nan
+            else _scratch_counter(device)
+        )
     target = weight.detach()
     if rows and cols:
         with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
             if pat.is_nm:
+                nm_knobs = {
+                    k: v for k, v in (("nm_impl", nm_impl), ("block", nm_block)) if v is not None
+                }
                 kernels.launch_nm(
                     target, scores, keep, nan_count, spec_tensors, consts, pat.n, pat.m,
-                    write_weight=inplace, num_warps=num_warps,
+                    write_weight=inplace, num_warps=num_warps, **nm_knobs,
                 )  # fmt: skip
             else:
                 kernels.launch_rows(
@@ -299,8 +320,57 @@ def triton_prune(
     return keep
 
 
+_SCRATCH_COUNTERS: dict[torch.device, Tensor] = {}
+
+
+def _scratch_counter(device: torch.device) -> Tensor:
+    if device not in _SCRATCH_COUNTERS:
+        _SCRATCH_COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _SCRATCH_COUNTERS[device]
+
+
 #: Why the kernels were switched off for this process under the "auto" backend, if they were.
 _auto_failure: str | None = None
+
+# NaN counters of the innermost active deferred_nan_checks() of this thread, by device.
+_deferred = threading.local()
+
+
+@contextmanager
+def deferred_nan_checks() -> Iterator[None]:
+    """Check the engine's kernel launches for NaN scores once, on exit, not after each launch.
+
+    Each launch otherwise reads its NaN counter back (a device sync), which keeps the GPU idle
+    while Python prepares the next matrix; inside this context the launches add to one counter
+    per device and run back to back. Nested contexts check at the outermost exit. The error
+    is the same ``ValueError`` as without the context, raised when the block ends (the kernels
+    never write a row or N:M group whose scores contain a NaN; other rows are pruned).
+
+    Example:
+        >>> with deferred_nan_checks():  # doctest: +SKIP
+        ...     for lin in block_linears:
+        ...         METHODS["wanda"].prune_(lin.weight, stats[lin], 0.5, pattern)
+    """
+    if getattr(_deferred, "counters", None) is not None:
+        yield  # the outermost context checks
+        return
+    _deferred.counters = {}
+    try:
+        yield
+        counters = _deferred.counters
+    finally:
+        _deferred.counters = None
+    if any(int(c.item()) for c in counters.values()):
+        raise ValueError(_NAN_SCORES_ERROR)
+
+
+def _deferred_counter(device: torch.device) -> Tensor | None:
+    counters = getattr(_deferred, "counters", None)
+    if counters is None:
+        return None
+    if device not in counters:
+        counters[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counters[device]
 
 
 def _kernel_ready(weight: Tensor, pattern: SparsityPattern, group: str) -> bool:
@@ -321,8 +391,12 @@ def _engine_launch(
     weight: Tensor, score, sparsity, pattern: SparsityPattern, inplace: bool = True
 ) -> Tensor | None:
     global _auto_failure
+    counter = _deferred_counter(weight.device)
     try:
-        return triton_prune(weight, score, sparsity, pattern, inplace=inplace)
+        return triton_prune(
+            weight, score, sparsity, pattern, inplace=inplace,
+            check_nan=counter is None, nan_count=counter,
+        )  # fmt: skip
     except ValueError:  # NaN scores, bad arguments: what the PyTorch path raises too
         raise
     except Exception as error:

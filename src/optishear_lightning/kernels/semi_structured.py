@@ -12,9 +12,14 @@ Backends (``torch.sparse``):
   only); the one that runs on Hopper (H100/H200) and newer;
 - ``"cutlass"``: PyTorch's CUTLASS kernels; compute capability 8.x (Ampere/Ada) only;
   float16, bfloat16, int8 and, in recent PyTorch releases, float32;
-- ``"auto"``: cuSPARSELt when PyTorch has it, else CUTLASS.
+- ``"cusparselt_cached"``: the same cuSPARSELt kernels through
+  :class:`~optishear_lightning.kernels.cusparselt.CuSparseLtLinear`, which builds each matmul
+  plan once instead of on every call (PyTorch's ``_cslt_sparse_mm`` rebuilds it, ~0.45 ms of
+  host time per matmul on the H200); the linears are replaced by that module;
+- ``"auto"``: ``"cusparselt_cached"`` when PyTorch has cuSPARSELt and its library loads,
+  else ``"cusparselt"`` when PyTorch has it, else CUTLASS.
 
-The dtype and minimum-shape tables are read from the installed PyTorch.
+The dtype and minimum-shape tables of the PyTorch backends are read from the installed PyTorch.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ __all__ = [
     "resolve_backend",
 ]
 
-SEMI_STRUCTURED_BACKENDS = ("auto", "cusparselt", "cutlass")
+SEMI_STRUCTURED_BACKENDS = ("auto", "cusparselt", "cutlass", "cusparselt_cached")
 
 #: Norm-wise tolerance of one bfloat16 matmul against another: a few units in the last place
 #: of bfloat16 (8 significant bits) relative to the largest output.
@@ -67,7 +72,7 @@ def _cusparselt_available() -> bool:
 
 
 def resolve_backend(backend: str = "auto") -> str:
-    """``"cusparselt"`` or ``"cutlass"`` for a backend name (``"auto"`` picks cuSPARSELt if any).
+    """The backend a name stands for (``"auto"``: cached cuSPARSELt plans, else CUTLASS).
 
     Raises:
         ValueError: an unknown name.
@@ -79,7 +84,13 @@ def resolve_backend(backend: str = "auto") -> str:
             f"{', '.join(SEMI_STRUCTURED_BACKENDS)}."
         )
     if name == "auto":
-        return "cusparselt" if _cusparselt_available() else "cutlass"
+        if not _cusparselt_available():
+            return "cutlass"
+        from .cusparselt import cusparselt_library_available
+
+        # The cached plans are 4x PyTorch's cuSPARSELt path on the H200 (and faster than
+        # dense, which PyTorch's path is not): see benchmarks/results/semi_structured_h200.md.
+        return "cusparselt_cached" if cusparselt_library_available() else "cusparselt"
     return name
 
 
@@ -126,6 +137,8 @@ def check_semi_structured_support(
         RuntimeError: GPU or PyTorch build without the backend.
     """
     resolved = resolve_backend(backend)
+    if resolved == "cusparselt_cached":
+        return _check_cached_support(weight, name)
     cls = _class_for(resolved)
     constraints = getattr(cls, "_DTYPE_SHAPE_CONSTRAINTS", None) or {}
     if weight.dtype not in constraints:
@@ -147,17 +160,7 @@ def check_semi_structured_support(
             f"{str(weight.dtype).replace('torch.', '')}. Leave this layer dense."
         )
     check_2to4(weight, name)
-    if weight.device.type != "cuda":
-        raise ValueError(
-            f"{name} is on {weight.device}: semi-structured sparse matmuls run on CUDA GPUs "
-            "only. Move the model to the GPU first (model.cuda())."
-        )
-    major, minor = torch.cuda.get_device_capability(weight.device)
-    if major < 8:
-        raise RuntimeError(
-            f"Semi-structured sparsity needs sparse tensor cores (compute capability 8.0+), "
-            f"this GPU is {major}.{minor}."
-        )
+    major, minor = _sparse_tensor_core_gpu(weight, name)
     if resolved == "cutlass" and major != 8:
         raise RuntimeError(
             f"PyTorch's CUTLASS semi-structured kernels run on compute capability 8.x only; "
@@ -169,6 +172,48 @@ def check_semi_structured_support(
             "False): use backend='cutlass' on an Ampere/Ada GPU, or a CUDA build with cuSPARSELt."
         )
     return resolved
+
+
+def _sparse_tensor_core_gpu(weight: torch.Tensor, name: str) -> tuple[int, int]:
+    """The compute capability of ``weight``'s GPU; raises on CPU or pre-Ampere GPUs."""
+    if weight.device.type != "cuda":
+        raise ValueError(
+            f"{name} is on {weight.device}: semi-structured sparse matmuls run on CUDA GPUs "
+            "only. Move the model to the GPU first (model.cuda())."
+        )
+    major, minor = torch.cuda.get_device_capability(weight.device)
+    if major < 8:
+        raise RuntimeError(
+            f"Semi-structured sparsity needs sparse tensor cores (compute capability 8.0+), "
+            f"this GPU is {major}.{minor}."
+        )
+    return major, minor
+
+
+def _check_cached_support(weight: torch.Tensor, name: str) -> str:
+    from .cusparselt import cusparselt_library_available
+
+    if weight.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"{name} is {str(weight.dtype).replace('torch.', '')}; the cusparselt_cached backend "
+            "takes float16 or bfloat16: cast the model (e.g. model.to(torch.bfloat16))."
+        )
+    if weight.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (out_features, in_features), got {weight.shape}.")
+    rows, cols = weight.shape
+    if rows % 16 or cols % 16 or min(rows, cols) < 32:
+        raise ValueError(
+            f"{name} is {rows}x{cols}; the cusparselt_cached backend needs both sizes multiples "
+            "of 16 and at least 32. Leave this layer dense."
+        )
+    check_2to4(weight, name)
+    _sparse_tensor_core_gpu(weight, name)
+    if not cusparselt_library_available():
+        raise RuntimeError(
+            "The cuSPARSELt library (libcusparseLt.so.0) could not be loaded: use a CUDA build "
+            "of PyTorch with cuSPARSELt, or backend='cusparselt'/'cutlass'."
+        )
+    return "cusparselt_cached"
 
 
 @dataclass
@@ -230,11 +275,39 @@ def _model_output(model: nn.Module, inputs):
     return getattr(out, "logits", out)
 
 
-def _restore(linears: dict[str, nn.Linear], names: Iterable[str]) -> None:
+def _restore(
+    model: nn.Module, linears: dict[str, nn.Linear], names: Iterable[str], backend: str
+) -> None:
     for name in names:
         lin = linears[name]
+        if backend == "cusparselt_cached":  # the linear was swapped out whole, unchanged
+            _set_module(model, name, lin)
+            continue
         # to_dense() is an exact matmul with the identity (one nonzero term per output).
         lin.weight = nn.Parameter(lin.weight.to_dense(), requires_grad=False)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _sparse_linear(lin: nn.Linear, backend: str):
+    """The converted layer's forward: a semi-structured weight or a CuSparseLtLinear."""
+    if backend == "cusparselt_cached":
+        from .cusparselt import CuSparseLtLinear
+
+        module = CuSparseLtLinear(lin)
+        return module, module.forward
+    sparse = _class_for(backend).from_dense(lin.weight.detach().contiguous())
+    return sparse, lambda x: F.linear(x, sparse, lin.bias)
+
+
+def _install(model: nn.Module, name: str, lin: nn.Linear, converted) -> None:
+    if isinstance(converted, nn.Module):
+        _set_module(model, name, converted)
+    else:
+        lin.weight = nn.Parameter(converted, requires_grad=False)
 
 
 @torch.no_grad()
@@ -258,7 +331,9 @@ def export_semi_structured(
 
     Args:
         model: the pruned model, on a CUDA GPU, in a dtype of the backend (bfloat16, float16).
-        backend: ``"auto"``, ``"cusparselt"`` or ``"cutlass"``.
+        backend: ``"auto"``, ``"cusparselt"``, ``"cutlass"`` or ``"cusparselt_cached"`` (the
+            linears are replaced by :class:`~optishear_lightning.kernels.cusparselt.
+            CuSparseLtLinear` modules; the original modules come back if a check fails).
         names: module names of the linears to convert (default: the prunable linears of every
             decoder block, as :func:`~optishear_lightning.models.named_prunable_linears`).
         check_layers: compare every converted layer's output on ``check_tokens`` random inputs.
@@ -293,24 +368,21 @@ def export_semi_structured(
     resolved = resolve_backend(backend)
     for name, lin in linears.items():
         check_semi_structured_support(lin.weight, resolved, f"{name}.weight")
-    cls = _class_for(resolved)
     result = SemiStructuredExport(backend=resolved)
     dense_out = _model_output(model, example_inputs) if example_inputs is not None else None
     generator = torch.Generator(device="cpu").manual_seed(0)
     try:
         for name, lin in linears.items():
             dense = lin.weight.detach()
-            sparse = cls.from_dense(dense.contiguous())
+            converted, sparse_forward = _sparse_linear(lin, resolved)
             if check_layers:
                 x = torch.randn(check_tokens, lin.in_features, generator=generator)
                 x = x.to(device=dense.device, dtype=dense.dtype)
-                check = compare_outputs(
-                    F.linear(x, dense, lin.bias), F.linear(x, sparse, lin.bias), rtol
-                )
+                check = compare_outputs(F.linear(x, dense, lin.bias), sparse_forward(x), rtol)
                 result.layer_checks[name] = check
                 if not check.ok:
                     raise ValueError(f"{name}: semi-structured output differs from dense: {check}.")
-            lin.weight = nn.Parameter(sparse, requires_grad=False)
+            _install(model, name, lin, converted)
             result.names.append(name)
         if dense_out is not None:
             result.model_check = compare_outputs(
@@ -322,6 +394,6 @@ def export_semi_structured(
                     f"model's: {result.model_check}."
                 )
     except BaseException:
-        _restore(linears, result.names)
+        _restore(model, linears, result.names, resolved)
         raise
     return result

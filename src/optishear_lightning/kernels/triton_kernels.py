@@ -26,10 +26,15 @@ with atomic slots, and the remaining bits are counted over it (ties then pruned 
 without a prefix sum, :func:`_prune_leftmost`);
 after :data:`COARSE_BITS` bits the few keys that share ``t``'s top bits are copied to a per-row
 scratch and the last bits are counted over those only (a bucket larger than the scratch, i.e.
-massive ties, finishes over the whole row). Longer rows are streamed in chunks, recomputing
-the scores on every pass (correct, slower).
+massive ties, finishes over the whole row). Optionally (``select="snap"``,
+:func:`_select_snap`) ``t`` is bracketed between two actual keys instead, each pass counting
+below the midpoint and snapping the bracket onto the nearest keys on either side of it (one
+fused block-wide reduction a pass, typically ~15 passes instead of 32). Longer rows are
+streamed in chunks, recomputing the scores on every pass (correct, slower).
 N:M: each weight's rank in its group of ``M`` under the same stable order is counted directly
-(``M`` comparisons per weight), and ranks below ``M - N`` are pruned.
+(``M`` comparisons per weight), and ranks below ``M - N`` are pruned; for ``M = 4`` (by
+default: ``nm_impl="split4"``, :func:`_nm4_kernel`) over a contiguous tile split into the
+four members of each group, with explicit comparisons and no ``M x M`` tile.
 
 Rows (row mode) or groups (N:M mode) whose scores contain a NaN are not written; the number of
 NaN scores is added to a counter so that the caller can raise like the reference does.
@@ -45,6 +50,7 @@ from triton.runtime.interpreter import InterpretedFunction
 __all__ = [
     "INTERPRETED",
     "MAX_RESIDENT",
+    "NM_IMPLS",
     "NORM_CODES",
     "SELECTS",
     "TRANSFORM_CODES",
@@ -53,8 +59,20 @@ __all__ = [
     "launch_rows",
 ]
 
-#: The k-th-key searches of resident rows (``launch_rows(select=...)``), default first.
-SELECTS = ("bisect", "two_level")
+#: The k-th-key searches of resident rows (``launch_rows(select=...)``), default first; the
+#: kernel's ``SELECT`` code is the index here.
+SELECTS = ("bisect", "two_level", "snap")
+
+#: The N:M kernels (``launch_nm(nm_impl=...)``): the ``M x M`` pairwise rank tile (any ``M``;
+#: the default for ``M != 4``), or ``M = 4`` only (the default there): a contiguous tile split
+#: into a group's four members, 1.6-1.9x the pairwise kernel on LLaMA-3-8B shapes on the H200
+#: (benchmarks/results/kernels_sweep_h200.md).
+NM_IMPLS = ("pairwise", "split4")
+
+#: Weights a program and warps of the ``split4`` kernel by default: the fastest of the H200
+#: sweep over blocks 512-4096 and 1-8 warps (16 bfloat16 weights a thread).
+NM4_BLOCK = 2048
+NM4_WARPS = 2
 
 #: Longest row that is selected with the whole row in registers. 16384 keys over 16 warps are
 #: 32 registers a thread; LLaMA-3-8B's longest row (down_proj, 14336) fits.
@@ -203,6 +221,61 @@ def _select_two_level(key, k, counter, scratch, BLOCK: tl.constexpr, SMALL: tl.c
 
 
 @triton.jit
+def _sum_max_min(n1, max1, min1, n2, max2, min2):
+    """Combine of a fused block-wide reduction: a sum, a maximum and a minimum at once."""
+    return n1 + n2, tl.maximum(max1, max2), tl.minimum(min1, min2)
+
+
+@triton.jit
+def _reduce_sum_max_min(flags, for_max, for_min, FUSED: tl.constexpr):
+    """``sum(flags)`` (int32), ``max(for_max)``, ``min(for_min)`` of 1-D blocks."""
+    if FUSED:  # one block-wide reduction of three values
+        n, mx, mn = tl.reduce((flags.to(tl.int32), for_max, for_min), 0, _sum_max_min)
+    else:  # three (fast in Triton's interpreter, whose tuple reduction is a Python loop)
+        n = tl.sum(flags.to(tl.int32), axis=0)
+        mx = tl.max(for_max, axis=0)
+        mn = tl.min(for_min, axis=0)
+    return n, mx, mn
+
+
+@triton.jit
+def _select_snap(key, k, kmin, kmax, n_valid, FUSED: tl.constexpr):
+    """k-th smallest key ``t`` of a resident row, ``count(key < t)`` and ``count(key == t)``.
+
+    Bisection over the key range whose bracket snaps onto actual keys. Invariant (``k > 0``):
+    ``lo`` and ``hi - 1`` are keys of the row and ``c_lo = count(key < lo) < k <= c_hi =
+    count(key < hi)``, from ``lo = min``, ``hi = max + 1``. A pass counts the keys below the
+    midpoint ``cand`` and, in the same reduction, finds the largest key below it and the
+    smallest key at or above it (padding ``0xFFFFFFFF`` is never below a candidate, which is
+    at most the largest valid key, and never the minimum above it unless that key is
+    ``0xFFFFFFFF`` too); the bracket then jumps to those keys. Every pass shrinks
+    ``hi - lo`` (``lo < cand < hi``), and the loop ends with ``hi = lo + 1``: ``t = lo``, and
+    no key lies strictly between ``t`` and ``hi``, so ``c_hi - c_lo`` keys equal ``t``.
+    Bounds are int64 (``hi`` can be ``2**32``); the keys are compared as uint32.
+    ``k == 0``: no pass, ``t`` is the smallest key and nothing is below it.
+    """
+    lo = kmin.to(tl.int64)
+    hi = tl.where(k > 0, kmax.to(tl.int64) + 1, lo + 1)
+    c_lo = tl.full([], 0, tl.int32)
+    c_hi = tl.full([], 0, tl.int32) + n_valid
+    while hi - lo > 1:
+        cand = ((lo + hi) >> 1).to(tl.uint32)  # lo < cand < hi, so cand < 2**32
+        lt = key < cand
+        c, mx, mn = _reduce_sum_max_min(
+            lt,
+            tl.where(lt, key, tl.zeros_like(key)),
+            tl.where(lt, tl.full(key.shape, 0xFFFFFFFF, tl.uint32), key),
+            FUSED,
+        )
+        take = c < k  # t >= cand: count(key < mn) = c, as no key lies in [cand, mn)
+        lo = tl.where(take, mn.to(tl.int64), lo)
+        c_lo = tl.where(take, c, c_lo)
+        hi = tl.where(take, hi, mx.to(tl.int64) + 1)  # else t <= mx: count(key <= mx) = c
+        c_hi = tl.where(take, c_hi, c)
+    return lo.to(tl.uint32), c_lo, c_hi - c_lo
+
+
+@triton.jit
 def _prune_leftmost(key, t, need, n_tied, offs, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr):
     """Prune mask: every key below ``t`` and the ``need`` leftmost of the ``n_tied`` ties."""
     below = key < t
@@ -255,23 +328,34 @@ def _row_kernel(
     COARSE_BITS: tl.constexpr,
     SELECT: tl.constexpr,
     LOG_BLOCK: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
 ):
     """One program per row: prune the ``k`` lowest scores, ties to the lowest column."""
     row = tl.program_id(0).to(tl.int64)
-    if RESIDENT and SELECT == 1:
+    if RESIDENT and SELECT != 0:  # "two_level" (1) or "snap" (2)
         offs = tl.arange(0, BLOCK)
         valid = offs < n_cols
-        counter = counter_ptr + row
-        tl.store(counter, 0)  # bucket slot counter, used after the barriers below
+        if SELECT == 1:
+            counter = counter_ptr + row
+            tl.store(counter, 0)  # bucket slot counter, used after the barriers below
         s = _score(
             w_ptr, s_ptr, x_ptr, nrow_ptr, ncol_ptr, nscal_ptr, row, offs, valid,
             stride_w, stride_s, SOURCE, TRANSFORM, NORM, HAS_X, CLAMP,
         )  # fmt: skip
-        n_nan = tl.sum(((s != s) & valid).to(tl.int32), axis=0)
-        key = _keys(s, valid)
-        t, n_below, n_tied = _select_two_level(
-            key, k, counter, scratch_ptr + row * SMALL, BLOCK, SMALL
-        )
+        if SELECT == 1:
+            n_nan = tl.sum(((s != s) & valid).to(tl.int32), axis=0)
+            key = _keys(s, valid)
+            t, n_below, n_tied = _select_two_level(
+                key, k, counter, scratch_ptr + row * SMALL, BLOCK, SMALL
+            )
+        else:
+            key = _keys(s, valid)
+            # One pass: the NaN count, the largest valid key and the smallest key (padding
+            # keys are the largest possible: no mask needed for the minimum).
+            n_nan, kmax, kmin = _reduce_sum_max_min(
+                (s != s) & valid, tl.where(valid, key, tl.zeros_like(key)), key, FUSED_REDUCE
+            )
+            t, n_below, n_tied = _select_snap(key, k, kmin, kmax, n_cols, FUSED_REDUCE)
         prune = _prune_leftmost(key, t, k - n_below, n_tied, offs, BLOCK, LOG_BLOCK)
         inb = n_cols > offs
         if WRITE_W:  # noqa: SIM102 (compile-time flag, then a runtime condition)
@@ -459,6 +543,73 @@ def _nm_kernel(
     tl.atomic_add(nan_ptr, n_nan, mask=n_nan > 0)
 
 
+@triton.jit
+def _nm4_kernel(
+    w_ptr,
+    s_ptr,
+    keep_ptr,
+    nan_ptr,
+    x_ptr,
+    nrow_ptr,
+    ncol_ptr,
+    nscal_ptr,
+    n_cols,
+    n_prune,
+    stride_w,
+    stride_s,
+    stride_k,
+    SOURCE: tl.constexpr,
+    TRANSFORM: tl.constexpr,
+    NORM: tl.constexpr,
+    HAS_X: tl.constexpr,
+    CLAMP: tl.constexpr,
+    WRITE_W: tl.constexpr,
+    WRITE_KEEP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """N:4, program (row, BLOCK columns): in each group of 4, prune the n_prune lowest scores.
+
+    ``n_cols`` is the number of columns in whole groups (a multiple of 4). The contiguous
+    tile of scores is reshaped to ``[BLOCK // 4, 2, 2]`` and split twice into the groups'
+    members ``s0..s3`` (columns ``4g + 0..3``, each a ``[BLOCK // 4]`` vector); each member's
+    rank is counted with explicit comparisons, the same as :func:`_nm_kernel`'s, and the
+    ranks are joined back into the tile's order for contiguous stores.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    valid = cols < n_cols
+    s = _score(
+        w_ptr, s_ptr, x_ptr, nrow_ptr, ncol_ptr, nscal_ptr, row, cols, valid,
+        stride_w, stride_s, SOURCE, TRANSFORM, NORM, HAS_X, CLAMP,
+    )  # fmt: skip
+    n_nan = tl.sum(((s != s) & valid).to(tl.int32), axis=0)
+    # [BLOCK] -> [G, 2, 2] (column 4g + 2a + b at [g, a, b]); split b, then a.
+    even, odd = tl.split(tl.reshape(s, [BLOCK // 4, 2, 2]))
+    s0, s2 = tl.split(even)
+    s1, s3 = tl.split(odd)
+    # Stable ascending order, float comparisons like _nm_kernel's (and torch.sort: -0.0 ==
+    # 0.0): a member to the left counts if <= (equal and left), one to the right if <; every
+    # comparison with a NaN is false, as there.
+    r0 = (s1 < s0).to(tl.int32) + (s2 < s0).to(tl.int32) + (s3 < s0).to(tl.int32)
+    r1 = (s0 <= s1).to(tl.int32) + (s2 < s1).to(tl.int32) + (s3 < s1).to(tl.int32)
+    r2 = (s0 <= s2).to(tl.int32) + (s1 <= s2).to(tl.int32) + (s3 < s2).to(tl.int32)
+    r3 = (s0 <= s3).to(tl.int32) + (s1 <= s3).to(tl.int32) + (s2 <= s3).to(tl.int32)
+    # A group with a NaN score adds 4 to its ranks: the keep mask reads rank & 3, the weight
+    # write rank < n_prune (n_prune <= 3), so those groups keep their weights.
+    nan4 = ((s0 != s0) | (s1 != s1) | (s2 != s2) | (s3 != s3)).to(tl.int32) * 4
+    code = tl.join(tl.join(r0 + nan4, r2 + nan4), tl.join(r1 + nan4, r3 + nan4))
+    code = tl.reshape(code, [BLOCK])
+    inb = n_cols > cols
+    if WRITE_W:
+        # The whole tile is written (vector stores; the reload is an L1 hit).
+        w_tile = (w_ptr + cols) + row * stride_w
+        w = tl.load(w_tile, mask=inb)
+        tl.store(w_tile, tl.where(code < n_prune, tl.zeros_like(w), w), mask=inb)
+    if WRITE_KEEP:
+        tl.store((keep_ptr + cols) + row * stride_k, (code & 3) >= n_prune, mask=inb)
+    tl.atomic_add(nan_ptr, n_nan, mask=n_nan > 0)
+
+
 #: Whether the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import time).
 INTERPRETED = isinstance(_row_kernel, InterpretedFunction)
 
@@ -492,6 +643,7 @@ def launch_rows(
     small: int | None = None,
     coarse_bits: int | None = None,
     select: str | None = None,
+    fused_reduce: bool | None = None,
 ) -> None:
     """Launch the row kernel (one program per output row); see :func:`fused.triton_prune`.
 
@@ -500,7 +652,13 @@ def launch_rows(
     the candidate bucket holds at most ``small`` keys, then over that bucket (see
     :func:`_select_two_level`); ``"bisect"`` (default) is the earlier search: ``coarse_bits``
     (1..32) counted over the whole row, then a bucket of at most ``small`` keys (copied with a
-    prefix sum) for the remaining bits; 32 bisects over the whole row throughout.
+    prefix sum) for the remaining bits; 32 bisects over the whole row throughout; ``"snap"``
+    bisects the key range with a bracket snapped onto actual keys (:func:`_select_snap`; no
+    scratch, ``small`` and ``coarse_bits`` unused); its per-pass count, maximum and minimum
+    are one tuple reduction with ``fused_reduce`` (default: compiled), three reductions
+    without (default in Triton's interpreter, where a tuple reduction is a Python loop over
+    the elements). ``num_warps`` may be any power of two Triton accepts (1 and 2 included:
+    more keys a thread, fewer warps to combine).
     Defaults (see :func:`default_row_knobs`): 32 keys a thread (4 warps up to 4096-long rows,
     16 for 16384), ``small`` two keys a thread (two-level) or an eighth of the row (bisect),
     ``coarse_bits`` 32.
@@ -514,6 +672,8 @@ def launch_rows(
     if select not in SELECTS:
         raise ValueError(f"select must be one of {SELECTS}, got {select!r}.")
     two_level = resident and select == "two_level"
+    select_code = SELECTS.index(select) if resident else 0
+    fused_reduce = (not INTERPRETED) if fused_reduce is None else bool(fused_reduce)
     num_warps = num_warps or knobs["num_warps"]
     if coarse_bits is None:
         coarse_bits = knobs["coarse_bits"]
@@ -523,7 +683,9 @@ def launch_rows(
         small = max(16, 2 * 32 * num_warps) if two_level else max(16, block // 8)
     if two_level:
         small = min(small, block // 2)  # phase 1 needs SMALL < BLOCK (a power of two)
-    scratch_rows = rows if resident and (two_level or coarse_bits < 32) else 1
+    scratch_rows = (
+        rows if resident and (two_level or (select == "bisect" and coarse_bits < 32)) else 1
+    )
     scratch = torch.empty((scratch_rows, small), dtype=torch.int32, device=w.device)
     counter = torch.empty((rows if two_level else 1,), dtype=torch.int32, device=w.device)
     _row_kernel[(rows,)](
@@ -531,8 +693,8 @@ def launch_rows(
         cols, k, weight.stride(0), 0 if scores is None else scores.stride(0),
         0 if keep is None else keep.stride(0),
         WRITE_W=write_weight, WRITE_KEEP=keep is not None, RESIDENT=resident, BLOCK=block,
-        SMALL=small, COARSE_BITS=coarse_bits, SELECT=int(two_level),
-        LOG_BLOCK=block.bit_length() - 1,
+        SMALL=small, COARSE_BITS=coarse_bits, SELECT=select_code,
+        LOG_BLOCK=block.bit_length() - 1, FUSED_REDUCE=fused_reduce,
         num_warps=num_warps, enable_fp_fusion=False, **consts,
     )  # fmt: skip
 
@@ -566,11 +728,38 @@ def launch_nm(
     m: int,
     write_weight: bool,
     num_warps: int | None = None,
+    nm_impl: str | None = None,
+    block: int | None = None,
 ) -> None:
-    """Launch the N:M kernel (programs over rows x blocks of groups)."""
+    """Launch the N:M kernel (programs over rows x blocks of groups).
+
+    ``nm_impl`` (see :data:`NM_IMPLS`): ``"pairwise"`` (any ``M``; the default unless
+    ``M = 4``) or ``"split4"`` (``M = 4`` only, the default there, :func:`_nm4_kernel`), which
+    takes ``block`` columns a program (a power of two >= 4, default :data:`NM4_BLOCK`; capped
+    at the row's length rounded up to a power of two) and ``num_warps`` (default
+    :data:`NM4_WARPS`). ``block`` is unused by ``"pairwise"``.
+    """
     rows, cols = weight.shape
     groups = cols // m
     w, s, kp, x, nrow, ncol, nscal = _pointers(weight, scores, keep, spec_tensors)
+    nm_impl = nm_impl or ("split4" if m == 4 else "pairwise")
+    if nm_impl not in NM_IMPLS:
+        raise ValueError(f"nm_impl must be one of {NM_IMPLS}, got {nm_impl!r}.")
+    if nm_impl == "split4":
+        if m != 4:
+            raise ValueError(f"nm_impl='split4' needs M = 4, got {n}:{m}.")
+        block = block or NM4_BLOCK
+        if block < 4 or block & (block - 1):
+            raise ValueError(f"block must be a power of two >= 4, got {block}.")
+        block = min(block, max(4, triton.next_power_of_2(groups * 4)))
+        _nm4_kernel[(rows, triton.cdiv(groups * 4, block))](
+            w, s, kp, nan_count, x, nrow, ncol, nscal,
+            groups * 4, m - n, weight.stride(0), 0 if scores is None else scores.stride(0),
+            0 if keep is None else keep.stride(0),
+            WRITE_W=write_weight, WRITE_KEEP=keep is not None, BLOCK=block,
+            num_warps=num_warps or NM4_WARPS, enable_fp_fusion=False, **consts,
+        )  # fmt: skip
+        return
     m_pow2 = triton.next_power_of_2(m)
     # 1024 weights a program; the pairwise comparison tile is BLOCK_G x M x M.
     block_g = min(triton.next_power_of_2(groups), max(1, 1024 // m_pow2))
