@@ -68,6 +68,7 @@ import torch  # noqa: E402
 
 from optishear_lightning.calibration import LayerStats  # noqa: E402
 from optishear_lightning.kernels import (  # noqa: E402
+    deferred_nan_checks,
     fused_score,
     kernel_backend,
     triton_prune,
@@ -211,9 +212,7 @@ def main() -> None:
     bytes_w = 2 * numel  # one pass over the bfloat16 weights
     runs: dict[str, dict] = {}
 
-    def measure(label: str, fn, floor_bytes: int, repeats: int) -> None:
-        # Dense weights before every pass (untimed): pruned weights would be a tie-heavy case.
-        result = timer.median(run_all(fn), repeats=repeats, warmup=1, before=restore)
+    def record(label: str, result: dict, floor_bytes: int) -> None:
         result.update(
             floor_bytes=floor_bytes,
             bytes_per_s=floor_bytes / result["median_s"],
@@ -225,6 +224,44 @@ def main() -> None:
             f"{result['bytes_per_s'] / 1e9:8.1f} GB/s ({result['fraction_of_copy']:.0%} of copy)",
             flush=True,
         )
+
+    def run_engine(fn):
+        # As pruning.prune runs the engine: one block at a time, the kernels' NaN checks read
+        # back once per block (deferred_nan_checks) instead of after every matrix.
+        def run():
+            for b in range(n_blocks):
+                with deferred_nan_checks():
+                    for n in shapes:
+                        fn((b, n), work[b, n])
+
+        return run
+
+    def measure(label: str, fn, floor_bytes: int, repeats: int, engine: bool = False) -> None:
+        # Dense weights before every pass (untimed): pruned weights would be a tie-heavy case.
+        runner = run_engine(fn) if engine else run_all(fn)
+        result = timer.median(runner, repeats=repeats, warmup=1, before=restore)
+        record(label, result, floor_bytes)
+
+    def measure_graph(label, kw, pattern, sparsity, floor_bytes, repeats) -> None:
+        # The same 224 launches captured once in a CUDA graph and replayed: the GPU time of the
+        # kernels without the Python/Triton launch overhead between them.
+        def launch_all():
+            for key, w in work.items():
+                triton_prune(w, specs[key], sparsity, pattern, check_nan=False, **kw)
+
+        restore()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            launch_all()  # compiled and warm before the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            launch_all()
+        result = timer.median(graph.replay, repeats=repeats, warmup=1, before=restore)
+        del graph
+        torch.cuda.empty_cache()
+        record(label, result, floor_bytes)
 
     for tag, pattern, sparsity in (("50%", unstructured, 0.5), ("2:4", two_four, None)):
 
@@ -238,9 +275,9 @@ def main() -> None:
 
         measure(f"{tag} eager reference (sort + scatter)", eager, 5 * numel, args.ref_repeats)
         with kernel_backend("torch"):
-            measure(f"{tag} engine, PyTorch backend", engine, 5 * numel, args.ref_repeats)
+            measure(f"{tag} engine, PyTorch backend", engine, 5 * numel, args.ref_repeats, True)
         with kernel_backend("triton" if device.type == "cpu" else "auto"):
-            measure(f"{tag} engine, kernel backend", engine, 5 * numel, args.repeats)
+            measure(f"{tag} engine, kernel backend", engine, 5 * numel, args.repeats, True)
         for label, kw, floor in (
             ("kernel: in place + mask", {}, 5 * numel),
             ("kernel: in place only", {"return_mask": False}, 2 * bytes_w),
@@ -254,6 +291,14 @@ def main() -> None:
                 floor,
                 args.repeats,
             )
+        if device.type == "cuda":
+            for label, kw, floor in (
+                ("kernel: in place + mask", {}, 5 * numel),
+                ("kernel: in place only", {"return_mask": False}, 2 * bytes_w),
+            ):
+                measure_graph(
+                    f"{tag} {label}, CUDA graph replay", kw, pattern, sparsity, floor, args.repeats
+                )
     report["runs"] = runs
     for tag in ("50%", "2:4"):
         t_kernel = runs[f"{tag} engine, kernel backend"]["median_s"]
@@ -280,9 +325,12 @@ def main() -> None:
             # (select, coarse bits, warps); None = the launcher's defaults. The bisection with
             # and without the bucket copy (coarse 12 / 32), and the two-level search.
             options = [(None, None, None)]
-            for select, coarse in (("bisect", 32), ("bisect", tk.COARSE_BITS), ("two_level", None)):
-                for warps in (4, 8, 16):
-                    if block // (32 * warps) >= 1:
+            searches = [("bisect", 32), ("bisect", tk.COARSE_BITS), ("two_level", None)]
+            searches += [(sel, None) for sel in tk.SELECTS if sel not in ("bisect", "two_level")]
+            for select, coarse in searches:
+                for warps in (1, 2, 4, 8, 16):
+                    # up to 128 keys a thread (more spills registers)
+                    if 1 <= block // (32 * warps) <= 128:
                         options.append((select, coarse, warps))
             for select, coarse, warps in options:
 
@@ -316,12 +364,69 @@ def main() -> None:
                     flush=True,
                 )
     report["sweep_mask_only_50"] = sweep
+    report["sweep_nm_2of4"] = (
+        sweep_nm(args, shapes, work, specs, timer) if not args.no_sweep else []
+    )
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
+
+
+def sweep_nm(args, shapes, work, specs, timer) -> list[dict]:
+    """2:4 in place + mask per shape for the N:M kernel's implementations and launch knobs."""
+    import inspect
+
+    from optishear_lightning.kernels import triton_kernels as tk
+
+    params = inspect.signature(tk.launch_nm).parameters
+    impls = [None]
+    if "nm_impl" in params:
+        impls += list(getattr(tk, "NM_IMPLS", ("pairwise", "split4")))
+    rows_out = []
+    distinct: dict = {}
+    for n, shape in shapes.items():
+        distinct.setdefault(shape, n)
+    for (rows, cols), n in distinct.items():
+        w, spec = work[0, n], specs[0, n]
+        options = [(None, None, None)]
+        for impl in impls[1:]:
+            blocks = (None,) if impl == "pairwise" else (512, 1024, 2048, 4096)
+            for block in blocks:  # the pairwise kernel takes no block
+                for warps in (1, 2, 4, 8):
+                    options.append((impl, block, warps))
+        base = None
+        for impl, block, warps in options:
+
+            def call(impl=impl, block=block, warps=warps, w=w, spec=spec):
+                triton_prune(
+                    w, spec, None, "2:4", check_nan=False, num_warps=warps,
+                    nm_impl=impl, nm_block=block,
+                )  # fmt: skip
+
+            try:
+                reps, warm = (1, 0) if args.tiny else (max(args.repeats, 3) * 4, 2)
+                t = timer.median(call, repeats=reps, warmup=warm)["median_s"]
+                err = None
+            except Exception as e:  # a config that does not compile or fit
+                t, err = float("nan"), repr(e)[:200]
+            if impl is None:
+                base = t
+            row = dict(
+                shape=n, rows=rows, cols=cols, nm_impl=impl or "default", block=block,
+                num_warps=warps, seconds=t, error=err,
+                bytes_per_s=(2 * 2 + 1) * rows * cols / t if err is None else None,
+                vs_default=base / t if base and err is None else None,
+            )  # fmt: skip
+            rows_out.append(row)
+            print(
+                f"sweep 2:4 {n:<10} impl={row['nm_impl']} block={block} warps={warps}: "
+                f"{t * 1e6:9.1f} us {err or ''}",
+                flush=True,
+            )
+    return rows_out
 
 
 def markdown(report: dict) -> str:
@@ -376,6 +481,22 @@ def markdown(report: dict) -> str:
                 f"| {r['shape']} {r['rows']}x{r['cols']} | {label}{r.get('select', 'bisect')} | "
                 f"{r['coarse_bits']} | {r['num_warps']} | {r['seconds'] * 1e6:.1f} | {bw} | "
                 f"{rel:.2f}x |"
+            )
+    if report.get("sweep_nm_2of4"):
+        lines += [
+            "",
+            "N:M kernel, 2:4 in place + mask (one matrix per shape); GB/s against the floor "
+            "(read W, write W and the mask):",
+            "",
+            "| shape | implementation | block | warps | time (us) | GB/s | vs default |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in report["sweep_nm_2of4"]:
+            bw = "error" if r["bytes_per_s"] is None else f"{r['bytes_per_s'] / 1e9:.1f}"
+            rel = "" if r["vs_default"] is None else f"{r['vs_default']:.2f}x"
+            lines.append(
+                f"| {r['shape']} {r['rows']}x{r['cols']} | {r['nm_impl']} | {r['block']} | "
+                f"{r['num_warps']} | {r['seconds'] * 1e6:.1f} | {bw} | {rel} |"
             )
     return "\n".join(lines) + "\n"
 

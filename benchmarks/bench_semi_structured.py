@@ -72,7 +72,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="small shapes and model (quick check)")
     p.add_argument("--tokens", type=int, nargs="+", default=None, help="default 2048 8192 16384")
-    p.add_argument("--backends", nargs="+", default=["cusparselt", "cutlass"])
+    p.add_argument("--backends", nargs="+", default=["cusparselt_cached", "cusparselt", "cutlass"])
+    p.add_argument(
+        "--prefill-backends",
+        nargs="+",
+        default=["cusparselt_cached", "cusparselt"],
+        help="backends of the prefill comparison, each on the same pruned model",
+    )
     p.add_argument("--prefill-tokens", type=int, default=None, help="default 2048")
     p.add_argument("--layers", type=int, default=None, help="decoder blocks of the model")
     p.add_argument("--no-prefill", action="store_true")
@@ -135,55 +141,78 @@ def two_four_weight(rows: int, cols: int, device, seed: int) -> torch.Tensor:
     return w
 
 
+def sparse_forward(w: torch.Tensor, backend: str):
+    """``x -> x @ w.T`` on the backend's 2:4 kernels (what export_semi_structured installs)."""
+    if backend == "cusparselt_cached":
+        from optishear_lightning.kernels.cusparselt import CuSparseLtLinear
+
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        lin.weight.data.copy_(w)
+        return CuSparseLtLinear(lin)
+    cls = {
+        "cutlass": torch.sparse.SparseSemiStructuredTensorCUTLASS,
+        "cusparselt": torch.sparse.SparseSemiStructuredTensorCUSPARSELT,
+    }[backend]
+    sparse = cls.from_dense(w)
+    return lambda x: F.linear(x, sparse)
+
+
 def bench_layers(args, device, shapes, tokens_list) -> dict:
     out: dict = {"layers": [], "groups": [], "errors": {}}
     weights = {n: two_four_weight(r, c, device, i) for i, (n, (r, c)) in enumerate(shapes.items())}
+    forwards: dict[str, dict] = {}
     for backend in dict.fromkeys(resolve_backend(b) for b in args.backends):
         try:
             for name, w in weights.items():
                 check_semi_structured_support(w, backend, name)
-            cls = {
-                "cutlass": torch.sparse.SparseSemiStructuredTensorCUTLASS,
-                "cusparselt": torch.sparse.SparseSemiStructuredTensorCUSPARSELT,
-            }[backend]
-            sparse = {n: cls.from_dense(w) for n, w in weights.items()}
+            forwards[backend] = {n: sparse_forward(w, backend) for n, w in weights.items()}
             q = weights["q_proj"]
-            F.linear(torch.ones(64, q.shape[1], device=device, dtype=q.dtype), sparse["q_proj"])
+            forwards[backend]["q_proj"](torch.ones(64, q.shape[1], device=device, dtype=q.dtype))
         except Exception as e:  # backend missing on this GPU/build: report, go on
             out["errors"][backend] = f"{type(e).__name__}: {e}"
             print(f"{backend}: {out['errors'][backend]}", flush=True)
-            continue
-        for tokens in tokens_list:
-            times = {}
-            for name, w in weights.items():
-                x = torch.randn(tokens, w.shape[1], device=device, dtype=torch.bfloat16)
-                dense_t = median_time(lambda x=x, w=w: F.linear(x, w), args.repeats)
-                sparse_t = median_time(lambda x=x, s=sparse[name]: F.linear(x, s), args.repeats)
-                check = compare_outputs(F.linear(x, w), F.linear(x, sparse[name]))
-                flops = 2 * tokens * w.shape[0] * w.shape[1]
-                times[name] = (dense_t, sparse_t)
-                row = dict(
-                    backend=backend,
-                    tokens=tokens,
-                    layer=name,
-                    shape=list(w.shape),
-                    dense_s=dense_t,
-                    sparse_s=sparse_t,
-                    speedup=dense_t / sparse_t,
-                    dense_tflops=flops / dense_t / 1e12,
-                    sparse_dense_equivalent_tflops=flops / sparse_t / 1e12,
-                    rel_err=check.rel_err,
-                    within_bf16_tolerance=check.ok,
+    for tokens in tokens_list:
+        times: dict = {}
+        for name, w in weights.items():
+            x = torch.randn(tokens, w.shape[1], device=device, dtype=torch.bfloat16)
+            # Dense before and after the sparse backends, the faster of the two kept: cuBLAS
+            # times drift by up to ~20% within a run on the H200, and the speedups should not
+            # profit from a slow dense measurement.
+            dense_t = median_time(lambda x=x, w=w: F.linear(x, w), args.repeats)
+            sparse_ts = {
+                backend: median_time(lambda x=x, f=fwd[name]: f(x), args.repeats)
+                for backend, fwd in forwards.items()
+            }
+            dense_t = min(dense_t, median_time(lambda x=x, w=w: F.linear(x, w), args.repeats))
+            flops = 2 * tokens * w.shape[0] * w.shape[1]
+            for backend, sparse_t in sparse_ts.items():
+                check = compare_outputs(F.linear(x, w), forwards[backend][name](x))
+                times[backend, name] = (dense_t, sparse_t)
+                out["layers"].append(
+                    dict(
+                        backend=backend,
+                        tokens=tokens,
+                        layer=name,
+                        shape=list(w.shape),
+                        dense_s=dense_t,
+                        sparse_s=sparse_t,
+                        speedup=dense_t / sparse_t,
+                        dense_tflops=flops / dense_t / 1e12,
+                        sparse_dense_equivalent_tflops=flops / sparse_t / 1e12,
+                        rel_err=check.rel_err,
+                        within_bf16_tolerance=check.ok,
+                    )
                 )
-                out["layers"].append(row)
                 print(
                     f"{backend} {tokens:>6} {name:<10} dense {dense_t * 1e6:9.1f} us  sparse "
-                    f"{sparse_t * 1e6:9.1f} us  x{dense_t / sparse_t:.2f}  err {check.rel_err:.2e}",
+                    f"{sparse_t * 1e6:9.1f} us  x{dense_t / sparse_t:.2f}  "
+                    f"err {check.rel_err:.2e}",
                     flush=True,
                 )
+        for backend in forwards:
             for group, members in GROUPS.items():
-                dense_t = sum(times[m][0] for m in members)
-                sparse_t = sum(times[m][1] for m in members)
+                dense_t = sum(times[backend, m][0] for m in members)
+                sparse_t = sum(times[backend, m][1] for m in members)
                 out["groups"].append(
                     dict(
                         backend=backend,
@@ -194,7 +223,7 @@ def bench_layers(args, device, shapes, tokens_list) -> dict:
                         speedup=dense_t / sparse_t,
                     )
                 )
-        del sparse
+    out["layers"].sort(key=lambda r: list(forwards).index(r["backend"]))
     return out
 
 
@@ -228,32 +257,59 @@ def bench_prefill(args, device) -> dict:
 
     dense_s = median_time(forward, max(3, args.repeats // 2))
     dense_logits = forward().float()
-    t = time.perf_counter()
-    export = export_semi_structured(model, "auto", example_inputs=ids[:, :128])
-    torch.cuda.synchronize()
-    export_s = time.perf_counter() - t
-    sparse_s = median_time(forward, max(3, args.repeats // 2))
-    last = compare_outputs(dense_logits, forward().float(), rtol=2.0**-4)
-    return dict(
+    result = dict(
         config=config,
         tokens=tokens,
         init_s=init_s,
         prune_s=prune_s,
-        export_s=export_s,
-        backend=export.backend,
-        converted_linears=len(export.names),
-        layer_checks_ok=all(c.ok for c in export.layer_checks.values()),
-        worst_layer_rel_err=max(c.rel_err for c in export.layer_checks.values()),
-        model_check_rel_err=export.model_check.rel_err,
-        model_check_ok=export.model_check.ok,
-        last_token_logits_rel_err=last.rel_err,
         dense_s=dense_s,
-        sparse_s=sparse_s,
-        speedup=dense_s / sparse_s,
         dense_tokens_per_s=tokens / dense_s,
-        sparse_tokens_per_s=tokens / sparse_s,
-        peak_cuda_bytes=torch.cuda.max_memory_allocated(device),
+        backends=[],
     )
+    # Backends that swap modules (cusparselt_cached) go first: putting the dense linears back
+    # afterwards is exact; PyTorch's backends replace the weights in place (last).
+    order = sorted(args.prefill_backends, key=lambda b: b != "cusparselt_cached")
+    for backend in order:
+        from optishear_lightning.models import named_prunable_linears
+
+        linears = named_prunable_linears(model)
+        t = time.perf_counter()
+        try:
+            export = export_semi_structured(model, backend, example_inputs=ids[:, :128])
+        except Exception as e:  # report and go on with the next backend
+            result["backends"].append(dict(backend=backend, error=f"{type(e).__name__}: {e}"))
+            print(f"prefill {backend}: {type(e).__name__}: {e}", flush=True)
+            continue
+        torch.cuda.synchronize()
+        export_s = time.perf_counter() - t
+        sparse_s = median_time(forward, max(3, args.repeats // 2))
+        last = compare_outputs(dense_logits, forward().float(), rtol=2.0**-4)
+        result["backends"].append(
+            dict(
+                backend=export.backend,
+                export_s=export_s,
+                converted_linears=len(export.names),
+                layer_checks_ok=all(c.ok for c in export.layer_checks.values()),
+                worst_layer_rel_err=max(c.rel_err for c in export.layer_checks.values()),
+                model_check_rel_err=export.model_check.rel_err,
+                model_check_ok=export.model_check.ok,
+                last_token_logits_rel_err=last.rel_err,
+                sparse_s=sparse_s,
+                speedup=dense_s / sparse_s,
+                sparse_tokens_per_s=tokens / sparse_s,
+            )
+        )
+        print(
+            f"prefill {export.backend}: dense {dense_s:.4f} s sparse {sparse_s:.4f} s", flush=True
+        )
+        if export.backend == "cusparselt_cached":
+            for name in export.names:  # the original (dense, 2:4) linears, unchanged
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, linears[name])
+        else:
+            break  # the weights are semi-structured now: no further dense comparison
+    result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+    return result
 
 
 def markdown(report: dict) -> str:
@@ -270,7 +326,8 @@ def markdown(report: dict) -> str:
         return "\n".join([*lines, "", f"**Skipped:** {report['skipped']}", ""]) + "\n"
     lines.append(
         "- random weights x 0.02, 2:4-pruned by magnitude; dense = the same weights with their "
-        "zeros; CUDA events, median; err = max|diff| / max|dense| of the outputs"
+        "zeros; CUDA events, median; dense timed before and after the sparse backends, the "
+        "faster kept; err = max|diff| / max|dense| of the outputs"
     )
     for backend, error in report["layers"]["errors"].items():
         lines.append(f"- {backend}: not measured: {error}")
@@ -297,21 +354,26 @@ def markdown(report: dict) -> str:
         lines += [
             "",
             f"Prefill, {p['config']['num_hidden_layers']}-block LLaMA-3-8B-shaped model "
-            f"(random init), batch 1 x {p['tokens']} tokens, last-token logits, "
-            f"backend {p['backend']} ({p['converted_linears']} linears converted):",
+            f"(random init), batch 1 x {p['tokens']} tokens, last-token logits; engine prune "
+            f"(2:4 magnitude) {p['prune_s']:.2f} s:",
             "",
-            "| | time (ms) | tokens/s |",
-            "|---|---:|---:|",
-            f"| dense (2:4 zeros) | {p['dense_s'] * 1e3:.1f} | {p['dense_tokens_per_s']:.0f} |",
-            f"| semi-structured | {p['sparse_s'] * 1e3:.1f} | {p['sparse_tokens_per_s']:.0f} |",
-            "",
-            f"- speedup {p['speedup']:.2f}x; engine prune (2:4 magnitude) {p['prune_s']:.2f} s, "
-            f"export {p['export_s']:.2f} s",
-            f"- checks: every layer within bf16 tolerance: {p['layer_checks_ok']} (worst "
-            f"{p['worst_layer_rel_err']:.1e}); logits on 128 tokens rel err "
-            f"{p['model_check_rel_err']:.1e} (ok: {p['model_check_ok']}); prefill last-token "
-            f"logits rel err {p['last_token_logits_rel_err']:.1e}",
+            "| backend | linears | export (s) | time (ms) | tokens/s | speedup | checks |",
+            "|---|---:|---:|---:|---:|---:|---|",
+            f"| dense (2:4 zeros) | | | {p['dense_s'] * 1e3:.1f} | "
+            f"{p['dense_tokens_per_s']:.0f} | 1.00x | |",
         ]
+        for b in p["backends"]:
+            if "error" in b:
+                lines.append(f"| {b['backend']} | | | | | | not run: {b['error']} |")
+                continue
+            lines.append(
+                f"| {b['backend']} | {b['converted_linears']} | {b['export_s']:.2f} | "
+                f"{b['sparse_s'] * 1e3:.1f} | {b['sparse_tokens_per_s']:.0f} | "
+                f"{b['speedup']:.2f}x | layers ok: {b['layer_checks_ok']} (worst "
+                f"{b['worst_layer_rel_err']:.1e}); logits on 128 tokens "
+                f"{b['model_check_rel_err']:.1e} (ok: {b['model_check_ok']}); last-token "
+                f"logits {b['last_token_logits_rel_err']:.1e} |"
+            )
     elif report.get("prefill_error"):
         lines += ["", f"Prefill not measured: {report['prefill_error']}"]
     return "\n".join(lines) + "\n"
