@@ -467,7 +467,8 @@ def markdown(report: dict) -> str:
             "Launch knobs, mask only at 50% (one matrix per shape). **default** = what "
             "`triton_prune` picks without knobs (`default_row_knobs`); `bisect` with 32 coarse "
             "bits = bisection over the whole row, 12 = bucket copy after 12 bits; `two_level` = "
-            "whole-row bisection until the bucket is small, then over the bucket:",
+            "whole-row bisection until the bucket is small, then over the bucket; `snap` = "
+            "bisection whose bracket snaps onto actual keys (~15 passes, 3 reductions each):",
             "",
             "| shape | select | coarse bits | warps | time (us) | GB/s | vs default |",
             "|---|---|---:|---:|---:|---:|---:|",
