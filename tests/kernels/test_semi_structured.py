@@ -160,6 +160,7 @@ def test_cusparselt_linear_matches_dense():
     assert sorted(sparse._plans) == [64, 112]
     x = torch.randn(2, 3, 256, device="cuda", dtype=torch.bfloat16, generator=gen)
     assert sparse(x).shape == (2, 3, 128)
+    assert sparse(x[:, :0]).shape == (2, 0, 128)  # no rows: no plan, an empty output
     with pytest.raises(ValueError, match=r"takes torch\.bfloat16 inputs"):
         sparse(x.float())
 

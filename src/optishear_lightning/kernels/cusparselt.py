@@ -295,7 +295,9 @@ class CuSparseLtLinear(nn.Module):
         self._lib = _library()
         self._dtype, self._device = weight.dtype, weight.device
         self._a = _structured_descriptor(self._lib, out_features, in_features, weight.dtype)
-        self.register_buffer("compressed", self._compress(weight.contiguous()), persistent=False)
+        with torch.cuda.device(weight.device):
+            compressed = self._compress(weight.contiguous())
+        self.register_buffer("compressed", compressed, persistent=False)
         self._plans: dict[int, _Plan] = {}
 
     def extra_repr(self) -> str:
@@ -365,11 +367,14 @@ class CuSparseLtLinear(nn.Module):
         if x2.stride(-1) != 1 or x2.stride(0) != self.in_features or x2.data_ptr() % 16:
             x2 = x2.contiguous()
         tokens = x2.shape[0]
+        if tokens == 0:
+            return x.new_empty(*lead, self.out_features)
         padded = -tokens % 16  # 16-byte-aligned dense operands: pad the rows to a multiple of 16
         if padded:
             x2 = torch.cat([x2, x2.new_zeros(padded, self.in_features)])
         out = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
-        self._run(self._plan(x2.shape[0]), x2, out)
+        with torch.cuda.device(self._device):  # the library runs on the current device
+            self._run(self._plan(x2.shape[0]), x2, out)
         if padded:
             out = out[:tokens]
         if self.bias is not None:
