@@ -40,7 +40,9 @@ from optishear_lightning.kernels import (
     resolve_backend,
     triton_prune,
 )
+from optishear_lightning.kernels.semi_structured import _restore as restore_dense_linears
 from optishear_lightning.masks import keep_mask_from_scores
+from optishear_lightning.models import named_prunable_linears
 
 SHAPES_TINY = {
     "q_proj": (256, 256),
@@ -270,8 +272,6 @@ def bench_prefill(args, device) -> dict:
     # afterwards is exact; PyTorch's backends replace the weights in place (last).
     order = sorted(args.prefill_backends, key=lambda b: b != "cusparselt_cached")
     for backend in order:
-        from optishear_lightning.models import named_prunable_linears
-
         linears = named_prunable_linears(model)
         t = time.perf_counter()
         try:
@@ -303,9 +303,8 @@ def bench_prefill(args, device) -> dict:
             f"prefill {export.backend}: dense {dense_s:.4f} s sparse {sparse_s:.4f} s", flush=True
         )
         if export.backend == "cusparselt_cached":
-            for name in export.names:  # the original (dense, 2:4) linears, unchanged
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, linears[name])
+            # The original (dense, 2:4) linears back, as a failed export check does.
+            restore_dense_linears(model, linears, export.names, export.backend)
         else:
             break  # the weights are semi-structured now: no further dense comparison
     result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)

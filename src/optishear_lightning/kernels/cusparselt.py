@@ -267,26 +267,17 @@ class CuSparseLtLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, search: bool = True) -> None:
         super().__init__()
-        from .semi_structured import check_2to4
+        from .semi_structured import _check_cached_support
 
         weight = linear.weight.detach()
-        if weight.device.type != "cuda":
+        if weight.device.type != "cuda":  # where the weight lives comes first for a module
             raise ValueError(
                 f"cuSPARSELt runs on CUDA GPUs; the weight is on {weight.device}: move the model "
                 "to the GPU first."
             )
-        if weight.dtype not in _CUDA_DTYPES:
-            raise TypeError(
-                f"The cuSPARSELt linear takes float16 or bfloat16 weights, got {weight.dtype}: "
-                "cast the model (model.to(torch.bfloat16))."
-            )
+        # The export backend's checks: dtype, sizes, 2:4, GPU, library.
+        _check_cached_support(weight, "weight")
         out_features, in_features = weight.shape
-        if out_features % 16 or in_features % 16 or min(out_features, in_features) < 32:
-            raise ValueError(
-                f"The cuSPARSELt linear needs in/out features multiples of 16 and at least 32, "
-                f"got {out_features}x{in_features}: leave this layer dense."
-            )
-        check_2to4(weight)
         self.in_features, self.out_features = in_features, out_features
         self.search = search
         self.bias = (

@@ -296,18 +296,15 @@ def triton_prune(
         nan_count = (
             torch.zeros(1, dtype=torch.int32, device=device)
             if check_nan
-            else _scratch_counter(device)
+            else _device_counter(_SCRATCH_COUNTERS, device)
         )
     target = weight.detach()
     if rows and cols:
         with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
             if pat.is_nm:
-                nm_knobs = {
-                    k: v for k, v in (("nm_impl", nm_impl), ("block", nm_block)) if v is not None
-                }
                 kernels.launch_nm(
                     target, scores, keep, nan_count, spec_tensors, consts, pat.n, pat.m,
-                    write_weight=inplace, num_warps=num_warps, **nm_knobs,
+                    write_weight=inplace, num_warps=num_warps, nm_impl=nm_impl, block=nm_block,
                 )  # fmt: skip
             else:
                 kernels.launch_rows(
@@ -323,10 +320,11 @@ def triton_prune(
 _SCRATCH_COUNTERS: dict[torch.device, Tensor] = {}
 
 
-def _scratch_counter(device: torch.device) -> Tensor:
-    if device not in _SCRATCH_COUNTERS:
-        _SCRATCH_COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return _SCRATCH_COUNTERS[device]
+def _device_counter(counters: dict[torch.device, Tensor], device: torch.device) -> Tensor:
+    """``counters``' zeroed 1-element int32 counter for ``device``, made on first use."""
+    if device not in counters:
+        counters[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counters[device]
 
 
 #: Why the kernels were switched off for this process under the "auto" backend, if they were.
@@ -366,11 +364,7 @@ def deferred_nan_checks() -> Iterator[None]:
 
 def _deferred_counter(device: torch.device) -> Tensor | None:
     counters = getattr(_deferred, "counters", None)
-    if counters is None:
-        return None
-    if device not in counters:
-        counters[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return counters[device]
+    return None if counters is None else _device_counter(counters, device)
 
 
 def _kernel_ready(weight: Tensor, pattern: SparsityPattern, group: str) -> bool:
