@@ -16,7 +16,7 @@ from optishear_lightning.callback import SEARCH_FILE, OptiShearCallback
 from optishear_lightning.datamodule import TextDataModule
 from optishear_lightning.models import named_prunable_linears
 from optishear_lightning.module import CausalLMModule
-from optishear_lightning.search import SearchResult
+from optishear_lightning.search import SearchConfig, SearchResult
 
 from .conftest import tiny_llama
 
@@ -27,7 +27,17 @@ pytestmark = [
 ]
 
 VOCAB = 128
-TINY_SEARCH = dict(budget=6, pop_size=4, proxy_blocks=1, metric_topk=1, objective_samples=2)
+TINY_SEARCH = dict(
+    search=SearchConfig(
+        budget=6,
+        pop_size=4,
+        proxy_blocks=1,
+        metric_topk=1,
+        objective_samples=2,
+        objective_seq_len=16,
+        validation_samples=2,
+    )
+)
 
 
 def tokens(*shape, seed=0):
@@ -128,7 +138,7 @@ def test_fit_prunes_then_keeps_masks_exactly(tmp_path, method, precision):
         assert not torch.equal(weight.detach()[keep], before[name][keep])
     achieved = masks.sparsity()
     if method == "optishear":
-        assert abs(achieved - 0.5) <= cb.search_kwargs["tolerance"] + 1e-9
+        assert abs(achieved - 0.5) <= cb.search.tolerance + 1e-9
     else:
         assert achieved == pytest.approx(0.5)
 
@@ -153,11 +163,11 @@ def test_search_is_logged_and_saved_beside_checkpoints(tmp_path):
     saved = SearchResult.load(tmp_path / "ckpts" / SEARCH_FILE)
     assert saved.ratios == cb.found.ratios
     keys = logger.keys()
-    assert {"optishear/trial_logit_error", "optishear/sparsity", "optishear/ratio_block_00"} <= keys
+    assert {"optishear/trial_objective", "optishear/sparsity", "optishear/ratio_block_00"} <= keys
     trials = [
-        m["optishear/trial_logit_error"]
+        m["optishear/trial_objective"]
         for _, m in logger.metrics
-        if "optishear/trial_logit_error" in m
+        if "optishear/trial_objective" in m
     ]
     assert len(trials) == len([h for h in saved.history if "error" in h])
     assert all(math.isfinite(t) for t in trials)
@@ -298,9 +308,12 @@ def test_calibration_falls_back_to_callback_loader_then_generated_text(tmp_path)
         (dict(pattern="4:2"), "N:M pattern"),
         (dict(pattern="diagonal"), "Unknown sparsity pattern"),
         (dict(sparsity=1.2), r"\[0, 1\)"),
-        (dict(sparsity=0.98, delta=0.05), "would leave"),
+        (dict(sparsity=0.98, search=SearchConfig(delta=0.05)), "leave"),
+        (dict(reconstruct="admm"), "Unknown reconstruction"),
+        (dict(reconstruct="obs", search=SearchConfig(reconstruct="lsq")), "set it once"),
         (dict(pattern="2:4", sparsity=0.7), "fixes sparsity"),
-        (dict(budget=0), "budget"),
+        (dict(search=dict(budget=0)), "budget"),
+        (dict(search=dict(objective="mse")), "Unknown search objective"),
         (dict(group="column"), "comparison group"),
         (dict(search_result="/nonexistent/search.json"), "does not exist"),
     ],
@@ -313,6 +326,14 @@ def test_bad_arguments_fail_in_init(kwargs, match):
 def test_existing_export_dir_fails_in_init(tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         OptiShearCallback(export_dir=str(tmp_path))
+
+
+def test_overwrite_export_at_the_run_root_is_refused_before_training(tmp_path):
+    (tmp_path / "ckpts").mkdir()
+    (tmp_path / "ckpts" / "last.ckpt").write_text("checkpoint")
+    with pytest.raises(FileExistsError, match="not an earlier optishear export"):
+        OptiShearCallback(export_dir=str(tmp_path), overwrite_export=True)
+    assert (tmp_path / "ckpts" / "last.ckpt").read_text() == "checkpoint"
 
 
 def test_empty_calibration_loader_fails_before_any_weight_changes(tmp_path):

@@ -1,10 +1,13 @@
 import json
+import os
+import stat
 
 import pytest
 import torch
 
 from optishear_lightning.models import find_decoder_blocks, find_prunable_linears
 from optishear_lightning.pruning import (
+    EXPORT_MARKER,
     as_calibration_batches,
     check_output_dir,
     prune,
@@ -131,3 +134,59 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_pruned_model(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_only_an_earlier_export(tmp_path):
+    model = tiny_llama()
+    out = save_pruned_model(model, tmp_path / "pruned")
+    (out / "stale.txt").write_text("from the earlier export")
+    again = save_pruned_model(model, out, overwrite=True)
+    assert (again / "model.safetensors").is_file() and not (again / "stale.txt").exists()
+    assert (again / EXPORT_MARKER).is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["pruned"]  # nothing left beside it
+
+
+def test_overwrite_never_deletes_a_users_directory(tmp_path):
+    run_root = tmp_path / "run"
+    (run_root / "checkpoints").mkdir(parents=True)
+    (run_root / "checkpoints" / "last.ckpt").write_text("weights")
+    (run_root / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an earlier optishear export"):
+        check_output_dir(run_root, overwrite=True)
+    with pytest.raises(FileExistsError, match=str(run_root)):
+        save_pruned_model(tiny_llama(), run_root, overwrite=True)
+    assert (run_root / "checkpoints" / "last.ckpt").read_text() == "weights"
+    assert (run_root / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_of_a_file_is_a_clear_error(tmp_path):
+    target = tmp_path / "model.bin"
+    target.write_text("not a directory")
+    with pytest.raises(FileExistsError, match="is not a directory"):
+        save_pruned_model(tiny_llama(), target, overwrite=True)
+    assert target.read_text() == "not a directory"
+
+
+def test_export_respects_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = save_pruned_model(tiny_llama(), tmp_path / "shared")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o644
+
+
+def test_failed_overwrite_keeps_the_earlier_export(tmp_path, monkeypatch):
+    model = tiny_llama()
+    out = save_pruned_model(model, tmp_path / "pruned")
+    before = (out / "model.safetensors").read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model, "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_pruned_model(model, out, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["pruned"]

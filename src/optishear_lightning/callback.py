@@ -35,6 +35,8 @@ from .masks import parse_pattern, validate_sparsity
 from .metrics import METHODS
 from .models import find_decoder_blocks
 from .pruning import as_calibration_batches, check_output_dir, prune, save_pruned_model
+from .reconstruction import Reconstruction, check_reconstruction
+from .search.config import SearchConfig
 
 __all__ = ["OptiShearCallback"]
 
@@ -55,16 +57,12 @@ class OptiShearCallback(Callback):
         group: comparison group of unstructured masks (``"row"`` or ``"layer"``).
         search_result: path of a saved ``SearchResult`` to reuse instead of searching; with an
             engine method, that method is applied with the saved ratios.
-        budget: ratio candidates the NSGA-III search evaluates.
-        pop_size: NSGA-III population size.
-        delta: ratio step; each block takes one of ``{s - delta, s, s + delta}``.
-        tolerance: allowed ``|target - achieved|`` global sparsity of the chosen ratios.
-        search_metric: search the metric (else Wanda's metric with searched ratios).
-        search_ratios: search per-block ratios (else uniform).
-        metric_topk: metrics decided by the model-wise objective after proxy screening.
-        proxy_blocks: blocks used by the screening proxy.
-        proxy_rows: output rows per matrix sampled by the proxy (``None`` = all; ~128 on CPUs).
-        objective_samples: calibration windows of the model-wise objective.
+        search: the search settings (:class:`~optishear_lightning.search.SearchConfig`); in
+            YAML, a mapping under ``search:`` (``--optishear.search.budget 100``).
+        reconstruct: update the kept weights of every pruned layer to minimise
+            ``||WX - ŴX||`` once its mask is fixed: ``"obs"`` or ``"lsq"`` (see
+            :mod:`optishear_lightning.reconstruction`); with ``"optishear"`` the search's
+            finalists are scored with it too.
         calibration_samples: at most this many calibration sequences are used (``None`` =
             all the loader yields); also the number generated when no loader exists.
         calibration_seq_len: length of generated calibration text (loaders keep theirs).
@@ -84,8 +82,8 @@ class OptiShearCallback(Callback):
         progress: progress bars and a summary table during the search.
 
     Raises:
-        ValueError: an unknown method or pattern, a sparsity outside [0, 1), ratios
-            ``sparsity +- delta`` outside [0, 1), non-positive budgets, a missing
+        ValueError: an unknown method, pattern or reconstruction, a sparsity outside [0, 1),
+            search ratios ``sparsity +- delta`` outside [0, 1), a missing
             ``search_result`` file, or an ``export_dir`` that exists -- all in ``__init__``.
 
     Example:
@@ -100,16 +98,8 @@ class OptiShearCallback(Callback):
         pattern: str = "unstructured",
         group: str = "row",
         search_result: str | None = None,
-        budget: int = 300,
-        pop_size: int = 40,
-        delta: float = 0.05,
-        tolerance: float = 0.001,
-        search_metric: bool = True,
-        search_ratios: bool = True,
-        metric_topk: int = 8,
-        proxy_blocks: int | None = 8,
-        proxy_rows: int | None = None,
-        objective_samples: int = 8,
+        search: SearchConfig | None = None,
+        reconstruct: Reconstruction | None = None,
         calibration_samples: int | None = 128,
         calibration_seq_len: int = 2048,
         calibration_batch_size: int = 8,
@@ -146,19 +136,20 @@ class OptiShearCallback(Callback):
             raise ValueError(f"Unknown comparison group {group!r}: use 'row' or 'layer'.")
         if pat.is_nm and group != "row":
             raise ValueError("N:M patterns use their own groups; leave group='row'.")
-        if method == "optishear" and search_result is None and search_ratios and not pat.is_nm:
-            if not 0 < delta < 1:
-                raise ValueError(f"delta must be in (0, 1), got {delta}.")
-            if not (sparsity - delta >= 0 and sparsity + delta < 1):
-                raise ValueError(
-                    f"With sparsity {sparsity} and delta {delta} a block ratio would leave "
-                    f"[0, 1) ({sparsity - delta:g} .. {sparsity + delta:g}); lower delta."
-                )
+        search = search if search is not None else SearchConfig()
+        if isinstance(search, dict):  # a mapping from Python or an older YAML loader
+            search = SearchConfig(**search)
+        reconstruct = check_reconstruction(reconstruct)
+        if search.reconstruct is not None and search.reconstruct != reconstruct:
+            raise ValueError(
+                f"reconstruct is set on the search ({search.reconstruct!r}) and on the callback "
+                f"({reconstruct!r}); set it once, as the callback's reconstruct."
+            )
+        search = search.replace(reconstruct=reconstruct)
+        if method == "optishear" and search_result is None and search.search_ratios:
+            if not pat.is_nm:  # fails now, not after the model has loaded
+                search.ratio_candidates(sparsity)
         for name, value, low in (
-            ("budget", budget, 1),
-            ("pop_size", pop_size, 2),
-            ("metric_topk", metric_topk, 1),
-            ("objective_samples", objective_samples, 1),
             ("calibration_seq_len", calibration_seq_len, 2),
             ("calibration_batch_size", calibration_batch_size, 1),
         ):
@@ -166,8 +157,6 @@ class OptiShearCallback(Callback):
                 raise ValueError(f"{name} must be >= {low}, got {value}.")
         if calibration_samples is not None and calibration_samples < 1:
             raise ValueError("calibration_samples must be None (all) or >= 1.")
-        if tolerance < 0:
-            raise ValueError(f"tolerance must be >= 0, got {tolerance}.")
         if search_result is not None and not Path(search_result).is_file():
             raise FileNotFoundError(
                 f"search_result {search_result} does not exist; give the path of a JSON file "
@@ -181,19 +170,8 @@ class OptiShearCallback(Callback):
         self.pattern = str(pat)
         self.group = group
         self.search_result = search_result
-        self.search_kwargs = dict(
-            budget=budget,
-            pop_size=pop_size,
-            delta=delta,
-            tolerance=tolerance,
-            search_metric=search_metric,
-            search_ratios=search_ratios,
-            metric_topk=metric_topk,
-            proxy_blocks=proxy_blocks,
-            proxy_rows=proxy_rows,
-            objective_samples=objective_samples,
-            seed=seed,
-        )
+        self.search = search
+        self.reconstruct = reconstruct
         self.calibration_samples = calibration_samples
         self.calibration_seq_len = calibration_seq_len
         self.calibration_batch_size = calibration_batch_size
@@ -377,12 +355,19 @@ class OptiShearCallback(Callback):
                 search_result=saved,
                 method=None if self.method == "optishear" else self.method,
                 state_path=state_path,
+                config=self.search,
                 **common,
-                **({} if saved is not None else self.search_kwargs),
             )
         else:
             result = prune(
-                model, batches, self.method, sparsity, self.pattern, self.group, **common
+                model,
+                batches,
+                self.method,
+                sparsity,
+                self.pattern,
+                self.group,
+                reconstruct=self.reconstruct,
+                **common,
             )
         return result
 
@@ -500,15 +485,17 @@ class OptiShearCallback(Callback):
             trials = [h for h in self.found.history if "error" in h]
             best = math.inf
             for step, entry in enumerate(trials):
-                within = entry["sparsity_gap"] <= self.search_kwargs["tolerance"]
+                within = entry["sparsity_gap"] <= self.search.tolerance
                 best = min(best, entry["error"]) if within else best
                 metrics = {
-                    "optishear/trial_logit_error": entry["error"],
+                    "optishear/trial_objective": entry["error"],
                     "optishear/trial_sparsity_gap": entry["sparsity_gap"],
                 }
                 if math.isfinite(best):
-                    metrics["optishear/best_logit_error"] = best
+                    metrics["optishear/best_objective"] = best
                 self._log(trainer, metrics, step=step)
+            for i, finalist in enumerate(self.found.finalists):
+                self._log(trainer, {"optishear/finalist_validation": finalist["validation"]}, i)
             ratios = {f"optishear/ratio_block_{i:02d}": r for i, r in enumerate(self.found.ratios)}
             self._log(trainer, ratios, step=None)
             save_dir = self._save_dir(trainer)

@@ -11,8 +11,9 @@ import json
 import os
 import resource
 import shutil
-import tempfile
+import stat
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,8 +27,10 @@ from .kernels.fused import deferred_nan_checks
 from .masks import Group, check_pattern_fits, parse_pattern, validate_sparsity
 from .metrics import PruningMethod, get_method
 from .models import find_decoder_blocks, find_prunable_linears
+from .reconstruction import check_reconstruction, reconstruct_weight
 
 __all__ = [
+    "EXPORT_MARKER",
     "PruneResult",
     "as_calibration_batches",
     "check_output_dir",
@@ -204,6 +207,7 @@ def prune(
     keep_masks: bool = True,
     atomic: bool = True,
     progress: bool = False,
+    reconstruct: str | None = None,
 ) -> PruneResult:
     """Prune a causal LM in place, block by block.
 
@@ -233,6 +237,11 @@ def prune(
             failure (NaN activations in block 17, an interrupt...) restores the dense model.
             Costs CPU memory equal to the prunable weights; turn off for models that do not fit.
         progress: show progress bars.
+        reconstruct: after each layer's mask is fixed, update its kept weights to minimise
+            ``||WX - ŴX||`` on the calibration inputs: ``"obs"`` (SparseGPT's update on the
+            given mask) or ``"lsq"`` (the least-squares optimum for the mask); see
+            :mod:`.reconstruction`. Works with every method and pattern (masks stay exact);
+            needs calibration data, also for ``magnitude``.
 
     Returns:
         A :class:`PruneResult`.
@@ -247,6 +256,8 @@ def prune(
     """
     pm = get_method(method)
     pat = parse_pattern(pattern)
+    reconstruct = check_reconstruction(reconstruct)
+    needs_data = pm.needs_activations or reconstruct is not None
     if group not in ("row", "layer"):
         raise ValueError(f"Unknown comparison group {group!r}: use 'row' or 'layer'.")
     if pat.is_nm and group != "row":
@@ -259,8 +270,14 @@ def prune(
             check_pattern_fits(lin.weight.shape, pat, f"{blocks_name}.{i}.{name}")
 
     batches: list[torch.Tensor] = []
-    if pm.needs_activations:
+    if needs_data:
         if calibration is None or isinstance(calibration, (str, os.PathLike)):
+            if tokenizer is None and not pm.needs_activations:
+                raise ValueError(
+                    f"reconstruct={reconstruct!r} needs calibration data (each layer's inputs), "
+                    f"also for {pm.name}: pass calibration token ids, or a text source with "
+                    "tokenizer=..."
+                )
             if tokenizer is None:
                 raise ValueError(
                     "A text calibration source (or self-generated calibration when none is "
@@ -279,7 +296,7 @@ def prune(
     if run_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run_device)
     result = PruneResult(
-        method=pm.name,
+        method=pm.name if reconstruct is None else f"{pm.name}+{reconstruct}",
         pattern=str(pat),
         group=group,
         block_sparsity=ratios,
@@ -300,7 +317,11 @@ def prune(
                 params[fqn] = lin.weight
                 if atomic:
                     backups[fqn] = lin.weight.detach().to("cpu", copy=True)
+                dense = lin.weight.detach().clone() if reconstruct else None
                 keep = pm.prune_(lin.weight, stats.get(name), ratios[index], pat, group)
+                if reconstruct:
+                    new = reconstruct_weight(reconstruct, dense, stats[name].gram, keep)
+                    lin.weight.data.copy_(new)
                 kept[fqn] = keep.float().mean()
                 if keep_masks:
                     result.masks[fqn] = keep.cpu()
@@ -312,13 +333,13 @@ def prune(
 
     try:
         with torch.no_grad():
-            if pm.needs_activations:
+            if needs_data:
                 run_sequential(
                     model,
                     batches,
                     prune_block,
                     device=run_device,
-                    gram_for=(lambda n, m: True) if pm.needs_gram else None,
+                    gram_for=(lambda n, m: True) if pm.needs_gram or reconstruct else None,
                     offload=offload,
                     progress=progress,
                 )
@@ -338,14 +359,63 @@ def prune(
     return result
 
 
+EXPORT_MARKER = ".optishear_export"
+# Marks a directory as an export of this package: the only kind ``overwrite`` replaces.
+
+
 def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Fail early if ``path`` exists (unless ``overwrite``): call before pruning."""
+    """Fail early if ``path`` cannot take an export: call before pruning.
+
+    A missing path is fine. An existing one is refused unless ``overwrite`` is set *and* it is a
+    directory that this package exported before (it holds :data:`EXPORT_MARKER`): overwriting
+    must never delete a user's own files or a run's checkpoints.
+    """
     out = Path(path)
-    if out.exists() and not overwrite:
-        raise FileExistsError(
-            f"Output directory {out} already exists; choose a new path or pass overwrite=True."
-        )
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise FileExistsError(
+                f"Output directory {out} already exists; choose a new path or pass "
+                "overwrite=True to replace an earlier export."
+            )
+        if not out.is_dir() or out.is_symlink():
+            raise FileExistsError(
+                f"{out} exists and is not a directory; overwrite only replaces an earlier "
+                "export directory. Choose another path or remove it yourself."
+            )
+        if not (out / EXPORT_MARKER).is_file():
+            raise FileExistsError(
+                f"{out} exists and is not an earlier optishear export (no {EXPORT_MARKER} "
+                "file), so overwrite=True will not delete it. Choose a new path, or remove "
+                "the directory yourself if its contents can go."
+            )
     return out
+
+
+def _new_sibling_dir(out: Path, tag: str) -> Path:
+    """An empty directory beside ``out``, created with the umask's permissions.
+
+    ``tempfile.mkdtemp`` always makes ``drwx------``, which would leave the export unreadable
+    by other users and serving processes after the rename.
+    """
+    while True:
+        candidate = out.parent / f".{out.name}.{tag}-{uuid.uuid4().hex[:12]}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+
+
+def _files_readable_as_umask_allows(directory: Path) -> None:
+    """Give every file in ``directory`` the umask's permissions (``0o666 & ~umask``).
+
+    Some writers (safetensors among them) create their files ``-rw-------``. ``directory``
+    itself was made with ``mkdir``, so its mode already shows what the umask allows.
+    """
+    mode = stat.S_IMODE(directory.stat().st_mode) & 0o666
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 def save_pruned_model(
@@ -358,21 +428,35 @@ def save_pruned_model(
     """Write a transformers checkpoint (safetensors) that ``from_pretrained`` reloads.
 
     The checkpoint is written into a temporary sibling directory and renamed into place only
-    once complete, so a crash never leaves a half-written model at ``output_dir``.
+    once complete, so a crash never leaves a half-written model at ``output_dir``. With
+    ``overwrite=True`` an earlier export of this package is replaced (it is moved aside first
+    and deleted only after the new one is in place); any other existing path is refused.
+    Directories and files get the permissions the process's umask allows.
     """
     out = check_output_dir(output_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = _new_sibling_dir(out, "tmp")
+    old: Path | None = None
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if result is not None:
             (tmp / "optishear_prune.json").write_text(json.dumps(result.to_dict(), indent=2))
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"package": "optishear-lightning"}) + "\n")
+        _files_readable_as_umask_allows(tmp)
         if out.exists():
-            shutil.rmtree(out)
+            check_output_dir(out, overwrite)  # still an export of ours, checked again here
+            old = _new_sibling_dir(out, "old")
+            os.replace(out, old)
         os.replace(tmp, out)
     except BaseException:
+        if old is not None and not out.exists():
+            os.replace(old, out)
+            old = None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return out

@@ -16,11 +16,13 @@ instead, with the same exact total over the matrix.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .masks import SparsityPattern, num_pruned, parse_pattern
 
-__all__ = ["sparsegpt_prune"]
+__all__ = ["damped_hessian", "inverse_hessian_factor", "sparsegpt_prune"]
 
 
 def _prune_lowest(tmp: torch.Tensor, count: int, mask: torch.Tensor, by_row: bool) -> None:
@@ -65,6 +67,48 @@ def _obs_errors(
     return errors
 
 
+def damped_hessian(gram: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``X^T X`` in float32 with dead inputs made harmless and ``percdamp`` of the mean diagonal
+    added; returns ``(H, dead)``, where ``dead`` marks inputs that never fired."""
+    H = gram.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
+    return H, dead
+
+
+def inverse_hessian_factor(
+    gram: torch.Tensor, percdamp: float = 0.01, what: str = "layer"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of the damped inverse Hessian, and the dead-input mask.
+
+    A Hessian that is not positive definite even after ``percdamp`` (collinear inputs, too few
+    calibration tokens) is dampened ten times more, up to three times, with a warning; never
+    a NaN. Raises ``FloatingPointError`` if that is still not enough.
+    """
+    damp = percdamp
+    for attempt in range(4):
+        H, dead = damped_hessian(gram, damp)
+        factor, info = torch.linalg.cholesky_ex(H)
+        if int(info) == 0:
+            inverse, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+            if int(info) == 0 and torch.isfinite(inverse).all():
+                if attempt:
+                    warnings.warn(
+                        f"{what}: the calibration Hessian is singular with {percdamp:g} "
+                        f"dampening; used {damp:g} instead (more calibration tokens avoid "
+                        "this).",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                return inverse, dead
+        damp = max(damp, 1e-4) * 10
+    raise FloatingPointError(
+        f"{what}: the calibration Hessian is not positive definite even with {damp / 10:g} "
+        "dampening; check the calibration data for NaN/Inf or use more tokens."
+    )
+
+
 @torch.no_grad()
 def sparsegpt_prune(
     weight: torch.Tensor,
@@ -74,6 +118,7 @@ def sparsegpt_prune(
     group: str = "row",
     blocksize: int = 128,
     percdamp: float = 0.01,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune and reconstruct one weight matrix.
 
@@ -86,6 +131,9 @@ def sparsegpt_prune(
         group: ``"row"`` or ``"layer"`` (unstructured only).
         blocksize: lazy-batch block size (128 in the paper).
         percdamp: dampening as a fraction of the mean Hessian diagonal (1% in the paper).
+        keep: a fixed keep mask: skip SparseGPT's own mask selection and only apply its OBS
+            weight update to this mask (``sparsity``, ``pattern`` and ``group`` are then
+            ignored). This is ``reconstruct="obs"`` for every other method.
 
     Returns:
         ``(new_weight, keep_mask)``: the reconstructed weight in ``weight``'s dtype, with
@@ -94,15 +142,9 @@ def sparsegpt_prune(
     pat = parse_pattern(pattern)
     rows, cols = weight.shape
     W = weight.detach().float().clone()
-    H = gram.detach().float().to(W.device).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    Hinv, dead = inverse_hessian_factor(gram.to(W.device), percdamp)
     W[:, dead] = 0
-    damp = percdamp * torch.mean(torch.diag(H))
-    H.diagonal().add_(damp)
-    H = torch.linalg.cholesky(H)
-    H = torch.cholesky_inverse(H)
-    Hinv = torch.linalg.cholesky(H, upper=True)
+    fixed = None if keep is None else ~keep.to(W.device, torch.bool)
 
     prune_mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
     by_row = group == "row"
@@ -116,7 +158,10 @@ def sparsegpt_prune(
         saliency_scale = torch.diag(Hinv1).reshape(1, -1) ** 2
         mask1 = torch.zeros_like(W1, dtype=torch.bool)
         Err1 = torch.zeros_like(W1)
-        if not pat.is_nm:
+        if fixed is not None:
+            mask1.copy_(fixed[:, i1:i2])
+            steps = [(0, i2 - i1)]
+        elif not pat.is_nm:
             # Cumulative quotas: the blocks' counts add up to exactly num_pruned(total, s).
             quota = num_pruned(i2 * unit, sparsity) - num_pruned(i1 * unit, sparsity)
             _prune_lowest(W1**2 / saliency_scale, quota, mask1, by_row)
@@ -125,7 +170,7 @@ def sparsegpt_prune(
             # N:M masks are chosen group by group on the weights updated so far.
             steps = [(g, g + pat.m) for g in range(0, i2 - i1, pat.m)]
         for g1, g2 in steps:
-            if pat.is_nm:
+            if pat.is_nm and fixed is None:
                 sub = torch.zeros(rows, g2 - g1, dtype=torch.bool, device=W.device)
                 tmp = W1[:, g1:g2] ** 2 / saliency_scale[:, g1:g2]
                 _prune_lowest(tmp, pat.m - pat.n, sub, by_row=True)

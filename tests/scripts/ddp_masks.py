@@ -18,6 +18,7 @@ from optishear_lightning.callback import OptiShearCallback
 from optishear_lightning.datamodule import TextDataModule
 from optishear_lightning.models import named_prunable_linears
 from optishear_lightning.module import CausalLMModule
+from optishear_lightning.search import SearchConfig
 
 warnings.filterwarnings("ignore")
 
@@ -53,11 +54,15 @@ def main() -> None:
     callback = OptiShearCallback(
         method=method,
         sparsity=0.5,
-        budget=6,
-        pop_size=4,
-        proxy_blocks=1,
-        metric_topk=1,
-        objective_samples=2,
+        search=SearchConfig(
+            budget=6,
+            pop_size=4,
+            proxy_blocks=1,
+            metric_topk=1,
+            objective_samples=2,
+            objective_seq_len=16,
+            validation_samples=2,
+        ),
         progress=False,
         save_dir=str(out),
     )

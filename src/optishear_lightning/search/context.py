@@ -10,14 +10,16 @@ re-calibration) and running one forward pass on the objective windows.
 For the ratio search the metric is fixed, so each weight's rank inside its row is computed once
 and a candidate's mask for any ratio is a single comparison ``rank >= k``.
 
-Objective 1 is the Frobenius norm of (pruned - dense) *logits*, as in the paper. The logits are
-never stored: the cached dense final hidden states go through the LM head chunk by chunk next
-to the pruned ones (with Gemma's final soft-capping where the model has it).
+The model-wise objective (:mod:`.objectives`: KL divergence of the next-token distributions,
+or the paper's Frobenius norm of the logit difference) compares the pruned model with the
+dense one on two disjoint window sets: the *objective* windows the search optimises on, and the
+*validation* windows that only decide among finalists. The logits are never stored: the cached
+dense final hidden states go through the LM head chunk by chunk next to the pruned ones (with
+Gemma's final soft-capping where the model has it).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -28,6 +30,7 @@ from ..calibration import LayerStats, run_sequential
 from ..kernels.fused import dispatch_keep_mask, keep_mask
 from ..masks import SparsityPattern, num_pruned
 from ..models import find_decoder_blocks, find_prunable_linears
+from .objectives import Objective, get_objective
 from .space import MetaMetric
 
 __all__ = ["SearchContext"]
@@ -50,7 +53,7 @@ class SearchContext:
         model: the causal LM (its weights are modified by :meth:`apply` and restored by
             :meth:`restore`).
         calibration: ``(batch, seq_len)`` token batches for the activation statistics.
-        objective: ``(batch, seq_len)`` token batches for the model-wise objective.
+        objective: ``(batch, seq_len)`` token batches the search optimises on.
         pattern: mask layout.
         group: comparison group for unstructured masks.
         proxy_blocks: block indices whose input Gram matrices are kept for the proxy.
@@ -58,6 +61,8 @@ class SearchContext:
             (row and N:M groups only, whose masks are chosen row by row); ``None`` = all rows.
         device: where the model runs (default: its device).
         progress: progress bar for the calibration pass.
+        validation: ``(batch, seq_len)`` token batches that decide among finalists.
+        objective_fn: the model-wise objective (name or :class:`~.objectives.Objective`).
     """
 
     def __init__(
@@ -71,8 +76,11 @@ class SearchContext:
         device: torch.device | str | None = None,
         progress: bool = False,
         proxy_rows: int | None = None,
+        validation: Sequence[torch.Tensor] = (),
+        objective_fn: str | Objective = "logit_frobenius",
     ):
         self.model = model
+        self.objective_fn = get_objective(objective_fn)
         self.proxy_rows = proxy_rows
         self.pattern = pattern
         self.group = group
@@ -118,8 +126,15 @@ class SearchContext:
             gram_for=_GramSelector(self, proxy) if proxy else None,
             progress=progress,
         )
-        self.objective = [b.to(self.device) for b in objective]
-        self.dense_hidden = [self._final_hidden(b) for b in self.objective]
+        self.windows = {
+            "objective": [b.to(self.device) for b in objective],
+            "validation": [b.to(self.device) for b in validation],
+        }
+        with _fast_fp32_matmul(self.device):
+            self.dense_hidden = {
+                which: [self._final_hidden(b) for b in batches]
+                for which, batches in self.windows.items()
+            }
         self._ranks: dict[str, torch.Tensor] = {}
         self._ranked_metric: MetaMetric | None = None
         self._proxy_ref: dict[str, torch.Tensor] = {}
@@ -172,16 +187,32 @@ class SearchContext:
         return logits
 
     @torch.no_grad()
-    def logit_error(self, chunk: int = 512) -> float:
-        """Frobenius norm of (current - dense) logits over all objective tokens."""
-        total = 0.0
-        for ids, dense in zip(self.objective, self.dense_hidden, strict=True):
-            hidden = self._final_hidden(ids)
-            for start in range(0, hidden.shape[1], chunk):
-                part = slice(start, start + chunk)
-                diff = self._logits(hidden[:, part]) - self._logits(dense[:, part])
-                total += diff.pow(2).sum().item()
-        return math.sqrt(total)
+    def evaluate(self, which: str = "objective", chunk_tokens: int = 2048) -> float:
+        """The objective of the model as it is now against the dense model.
+
+        Args:
+            which: ``"objective"`` (the windows the search optimises on) or ``"validation"``.
+            chunk_tokens: tokens whose logits are formed at once.
+        """
+        with _fast_fp32_matmul(self.device):
+            total, n_tokens = self._accumulate(which, chunk_tokens)
+        return self.objective_fn.reduce(float(total), n_tokens)
+
+    def _accumulate(self, which: str, chunk_tokens: int) -> tuple[torch.Tensor, int]:
+        # TF32 on CUDA (dense reference and candidates alike, see _fast_fp32_matmul): its
+        # ~1e-3 relative rounding is far below the differences between candidates.
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        n_tokens = 0
+        for ids, dense in zip(self.windows[which], self.dense_hidden[which], strict=True):
+            hidden = self._final_hidden(ids).flatten(0, 1)
+            dense = dense.flatten(0, 1)
+            for start in range(0, hidden.shape[0], chunk_tokens):
+                part = slice(start, start + chunk_tokens)
+                pruned_logits = self._logits(hidden[part])
+                dense_logits = self._logits(dense[part])
+                total += self.objective_fn.partial(pruned_logits, dense_logits).double()
+            n_tokens += hidden.shape[0]
+        return total, n_tokens
 
     def achieved_sparsity(self, ratios: Sequence[float]) -> float:
         """Global sparsity over all prunable weights that ``ratios`` give (exact, no pruning)."""

@@ -1,16 +1,24 @@
-"""The OptiShear search, end to end: metric search, then ratio search, then prune.
+"""The OptiShear search in five phases: screen metrics, decide the metric, search ratios,
+validate finalists, return the result.
 
-Metric search (at uniform sparsity, as in the paper) is exhaustive over the *effective* space
-(:func:`~.space.effective_space`: 441 metrics for row groups, after dropping normalisers no
-comparison group can see) rather than evolutionary: a discrete space this small is cheaper to
-screen completely with the layer-wise proxy (Gram-matrix reconstruction error on a few blocks,
-milliseconds per metric on a GPU) than to sample with a genetic algorithm, and exhaustive
-screening cannot miss the proxy's optimum. The ``metric_topk`` best by proxy, plus Wanda as
-a reference point, are then decided by the model-wise objective (logit error).
+1. **Screen** (:meth:`_Search.screen_metrics`): every metric of the *effective* space (441 for
+   row groups) is scored by the layer-wise proxy (Gram-matrix reconstruction error on a few
+   blocks). A space this small is cheaper to screen completely than to sample with a genetic
+   algorithm, and exhaustive screening cannot miss the proxy's optimum.
+2. **Decide the metric**: the ``metric_topk`` best by proxy, plus Wanda, are scored by the
+   model-wise objective (:mod:`.objectives`) on the *objective* windows.
+3. **Ratios** (unstructured only; skipped for N:M, which fixes every block's sparsity):
+   NSGA-III over one ratio per block (:mod:`.ratios`).
+4. **Validate**: the best distinct candidates, the chosen metric at uniform ratios, and the
+   fixed baselines (uniform Wanda and RIA by default) are *really* pruned -- sequentially, with
+   the configured reconstruction, as the final prune is -- and scored on held-out *validation*
+   windows. The lowest validation value wins, so the result is never worse there than the
+   best baseline; if a baseline wins, the result says so.
+5. **Result**: a :class:`SearchResult` that records every evaluation and every finalist.
 
-Ratio search (unstructured only; N:M fixes every block's sparsity) runs NSGA-III with the
-chosen metric (:mod:`.ratios`). Every evaluation lands in the history; with ``state_path`` the
-history is saved after each step and a rerun resumes from it.
+Candidates in phases 2-3 are scored with dense-model statistics and cached weights (fast);
+phase 4 is where the search meets what the final prune really does. With ``state_path`` the
+history is saved during every phase, and a rerun takes what was already computed from it.
 """
 
 from __future__ import annotations
@@ -27,49 +35,44 @@ import torch
 from torch import nn
 
 from ..masks import parse_pattern, validate_sparsity
+from ..metrics import PruningMethod, get_method
 from ..models import find_decoder_blocks
 from ..pruning import PruneResult, as_calibration_batches, prune
+from .config import SearchConfig
 from .context import SearchContext
-from .ratios import check_candidates, non_dominated, run_nsga3, select_solution
-from .result import SearchResult, SearchState, layer_shapes, versions
+from .ratios import non_dominated, run_nsga3, select_solution
+from .result import SearchResult, SearchState, layer_shapes, method_from_dict, method_to_dict
+from .result import versions as package_versions
 from .space import WANDA, MetaMetric, effective_space
+from .windows import SearchWindows, split_calibration
 
 __all__ = ["optishear_prune", "optishear_search"]
+
+# How many screened metrics between two saves of the state file.
+_SCREEN_SAVE_EVERY = 25
 
 
 def _spread(n_blocks: int, count: int | None) -> list[int]:
     if count is None or count >= n_blocks:
         return list(range(n_blocks))
-    if count <= 0:
-        return []
     return sorted({round(i * (n_blocks - 1) / max(count - 1, 1)) for i in range(count)})
 
 
 def optishear_search(
     model: nn.Module,
     calibration: Any,
-    sparsity: float = 0.5,
+    sparsity: float | None = 0.5,
     pattern: str = "unstructured",
     group: str = "row",
     *,
-    delta: float = 0.05,
-    candidates: Sequence[float] | None = None,
-    search_metric: bool = True,
+    config: SearchConfig | None = None,
     metric: MetaMetric | None = None,
     metric_candidates: Sequence[MetaMetric] | None = None,
-    metric_topk: int = 8,
-    proxy_blocks: int | None = 8,
-    proxy_rows: int | None = None,
-    search_ratios: bool = True,
-    budget: int = 300,
-    pop_size: int = 40,
-    objective_samples: int = 8,
-    tolerance: float = 0.001,
-    seed: int = 0,
     batch_size: int = 8,
     device: str | torch.device | None = None,
     state_path: str | Path | None = None,
     progress: bool = True,
+    **settings: Any,
 ) -> SearchResult:
     """Search a pruning metric and per-block sparsity ratios for ``model``.
 
@@ -78,30 +81,21 @@ def optishear_search(
     Args:
         model: a causal LM.
         calibration: calibration token ids (``(n, seq_len)`` tensor, list of tensors or a
-            dataloader of ``input_ids``).
-        sparsity: target global sparsity (ignored for N:M patterns).
+            dataloader of ``input_ids``); split into statistics, objective and validation
+            windows (:func:`~.windows.split_calibration`).
+        sparsity: target global sparsity (``None`` or the implied value for N:M patterns).
         pattern: ``"unstructured"`` or ``"N:M"``.
         group: comparison group of unstructured masks.
-        delta: ratio step; the default candidate set is ``{s - delta, s, s + delta}``.
-        candidates: explicit ratio candidate set (overrides ``delta``).
-        search_metric: search the metric; otherwise use ``metric`` (default Wanda).
-        metric: the metric to use when not searching it.
+        config: the search settings (:class:`SearchConfig`).
+        metric: the metric when ``search_metric`` is off (default Wanda).
         metric_candidates: metrics to screen (default: the effective space).
-        metric_topk: metrics decided by the model-wise objective after proxy screening.
-        proxy_blocks: number of evenly spread blocks used by the proxy (``None`` = all).
-        proxy_rows: evenly spaced output rows per matrix scored by the proxy (``None`` = all;
-            a few hundred makes the screening several times faster on a CPU).
-        search_ratios: run the ratio search (unstructured only).
-        budget: ratio candidates evaluated by NSGA-III.
-        pop_size: NSGA-III population size.
-        objective_samples: calibration windows used for the model-wise objective.
-        tolerance: allowed ``|target - achieved|`` global sparsity of the chosen ratios.
-        seed: search seed (the search is deterministic for a fixed seed and machine).
         batch_size: sequences per forward pass.
         device: where the model runs (default: its device); the whole model must already be
             there, since every candidate runs a full forward pass.
         state_path: JSON file for resumable state.
         progress: progress bars and a summary table.
+        **settings: :class:`SearchConfig` fields that override ``config``
+            (``optishear_search(model, calib, 0.5, budget=50)``).
 
     Returns:
         A :class:`SearchResult`.
@@ -109,222 +103,23 @@ def optishear_search(
     Raises:
         ValueError: bad arguments (before any computation).
     """
-    pat = parse_pattern(pattern)
-    target = pat.sparsity if pat.is_nm else validate_sparsity(sparsity, "target sparsity")
-    if group not in ("row", "layer"):
-        raise ValueError(f"Unknown comparison group {group!r}: use 'row' or 'layer'.")
-    ratio_search = search_ratios and not pat.is_nm
-    if ratio_search:
-        if candidates is None:
-            if not 0 < delta < 1:
-                raise ValueError(f"delta must be in (0, 1), got {delta}.")
-            candidates = [target - delta, target, target + delta]
-        cand = check_candidates([round(c, 10) for c in candidates], target, tolerance)
-        if not any(abs(c - target) < 1e-9 for c in cand):
-            raise ValueError(
-                f"The ratio candidates {cand} must include the target {target} itself (the "
-                "search starts from uniform ratios)."
-            )
-        if budget < 1 or pop_size < 2:
-            raise ValueError("budget must be >= 1 and pop_size >= 2.")
-    else:
-        cand = [target]
-    if metric_topk < 1:
-        raise ValueError("metric_topk must be >= 1.")
-    if objective_samples < 1:
-        raise ValueError("objective_samples must be >= 1.")
-    metrics = list(metric_candidates) if metric_candidates is not None else None
-    if search_metric and metrics is not None and not metrics:
-        raise ValueError("metric_candidates is empty; leave it unset for the full space.")
-
-    home = {p.device for p in model.parameters()}
-    if device is not None and not all(_same_device(d, device) for d in home):
-        raise ValueError(
-            f"The search runs the whole model on {device}, but its weights are on "
-            f"{sorted(str(d) for d in home)}; call model.to({str(device)!r}) first (or leave "
-            "device unset). Block-at-a-time offloading is only for prune()."
-        )
-    batches = as_calibration_batches(calibration, batch_size)
-    rows = torch.cat(batches)
-    objective = as_calibration_batches(rows[:objective_samples], batch_size)
-    n_blocks_model = len(find_decoder_blocks(model)[1])
-    proxy = _spread(n_blocks_model, proxy_blocks) if search_metric else []
-    fingerprint = {
-        "model_id": _model_id(model),
-        "layer_shapes": layer_shapes(model),
-        "target": target,
-        "pattern": str(pat),
-        "group": group,
-        "candidates": cand,
-        "seed": seed,
-        "calibration_shape": list(rows.shape),
-        "calibration_checksum": int(rows.long().sum().item()),
-        "objective_samples": objective_samples,
-        "search_metric": search_metric,
-        "metric": (metric or WANDA).to_dict() if not search_metric else None,
-        "proxy_blocks": proxy,
-        "proxy_rows": proxy_rows,
-        "budget": budget if ratio_search else 0,
-        "pop_size": pop_size,
-    }
-    state = SearchState.load_or_new(state_path, fingerprint)
-    cache = {json_key(h): h for h in state.history}
-
-    def record(entry: dict) -> dict:
-        key = json_key(entry)
-        if key not in cache:
-            cache[key] = entry
-            state.history.append(entry)
-        return cache[key]
-
-    def save_state() -> None:
-        if state_path is not None:
-            state.save(state_path)
-
-    timing: dict[str, float] = {}
-    started = time.perf_counter()
-    ctx = SearchContext(
-        model, batches, objective, pat, group, proxy, device, progress, proxy_rows=proxy_rows
-    )
-    timing["calibration_s"] = time.perf_counter() - started
-    model_evals = 0
-
-    def model_error(chosen: MetaMetric, ratios: Sequence[float], kind: str) -> float:
-        nonlocal model_evals
-        entry = {"kind": kind, "metric": chosen.to_dict(), "ratios": list(ratios)}
-        hit = cache.get(json_key(entry))
-        if hit is not None and "error" in hit:
-            return hit["error"]
-        ctx.apply(chosen, ratios)
-        err = ctx.logit_error()
-        ctx.restore()
-        model_evals += 1
-        entry["error"] = err
-        entry["sparsity_gap"] = abs(ctx.achieved_sparsity(ratios) - target)
-        record(entry)
-        return err
-
+    cfg = (config or SearchConfig()).replace(**settings) if settings else config or SearchConfig()
+    search = _Search(model, calibration, sparsity, pattern, group, cfg, batch_size, device)
+    search.check_metrics(metric, metric_candidates)
+    search.start(state_path, progress)
     try:
-        # 1. Metric search at uniform sparsity.
-        uniform = [target] * ctx.n_blocks
-        t0 = time.perf_counter()
-        if search_metric:
-            pool = metrics if metrics is not None else effective_space(group)
-            screened = []
-            bar = _bar(len(pool), "metric proxy", progress)
-            for m in pool:
-                entry = {"kind": "metric_proxy", "metric": m.to_dict()}
-                hit = cache.get(json_key(entry))
-                if hit is None:
-                    entry["proxy"] = ctx.proxy_error(m, None if pat.is_nm else target)
-                    hit = record(entry)
-                value = hit["proxy"]
-                screened.append((value if math.isfinite(value) else math.inf, m))
-                if bar is not None:
-                    bar.update(1)
-            if bar is not None:
-                bar.close()
-            save_state()
-            finalists = [m for _, m in sorted(screened, key=lambda t: t[0])[:metric_topk]]
-            if WANDA not in finalists:
-                finalists.append(WANDA)
-            errs = []
-            bar = _bar(len(finalists), "metric model-wise", progress)
-            for m in finalists:
-                errs.append(model_error(m, uniform, "metric"))
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(best=f"{min(errs):.4g}")
-            if bar is not None:
-                bar.close()
-            chosen = finalists[int(np.argmin(errs))]
-            save_state()
+        if cfg.search_metric:
+            search.screen_metrics()
+            search.decide_metric()
+        if search.run_ratios:
+            search.search_ratios()
         else:
-            chosen = metric or WANDA
-        timing["metric_search_s"] = time.perf_counter() - t0
-
-        # 2. Ratio search.
-        t0 = time.perf_counter()
-        if ratio_search:
-            uniform_choice = cand.index(min(cand, key=lambda c: abs(c - target)))
-            bar = _bar(budget, "ratio search", progress)
-            best = [math.inf]
-
-            def evaluate(x: np.ndarray) -> tuple[float, float]:
-                ratios = [cand[int(i)] for i in x]
-                err = model_error(chosen, ratios, "ratios")
-                gap = abs(ctx.achieved_sparsity(ratios) - target)
-                if gap <= tolerance:
-                    best[0] = min(best[0], err)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(best=f"{best[0]:.4g}")
-                return err, gap
-
-            run_nsga3(
-                evaluate,
-                ctx.n_blocks,
-                len(cand),
-                budget,
-                pop_size,
-                seed,
-                uniform_choice,
-                on_generation=save_state,
-            )
-            if bar is not None:
-                bar.close()
-        else:
-            model_error(chosen, uniform, "ratios")
-        timing["ratio_search_s"] = time.perf_counter() - t0
+            search.model_error(search.chosen, search.uniform, "ratios")
+        search.validate_finalists()
     finally:
-        ctx.restore()
-    save_state()
-
-    evaluated = [h for h in state.history if "error" in h and h["metric"] == chosen.to_dict()]
-    errors = [h["error"] for h in evaluated]
-    gaps = [h["sparsity_gap"] for h in evaluated]
-    pick = evaluated[select_solution(errors, gaps, tolerance)]
-    front_idx = non_dominated(np.column_stack([errors, gaps]))
-    front = sorted(
-        (
-            {"ratios": evaluated[i]["ratios"], "error": errors[i], "sparsity_gap": gaps[i]}
-            for i in front_idx
-        ),
-        key=lambda p: p["sparsity_gap"],
-    )
-    total = time.perf_counter() - started
-    timing["total_s"] = total
-    timing["model_evaluations"] = model_evals
-    search_time = timing["metric_search_s"] + timing["ratio_search_s"]
-    timing["evaluations_per_s"] = model_evals / search_time if search_time > 0 else 0.0
-    result = SearchResult(
-        metric=chosen,
-        ratios=list(pick["ratios"]),
-        target_sparsity=target,
-        achieved_sparsity=ctx.achieved_sparsity(pick["ratios"]),
-        pattern=str(pat),
-        group=group,
-        candidates=cand,
-        pareto_front=front,
-        history=state.history,
-        seed=seed,
-        model_id=fingerprint["model_id"],
-        layer_shapes=fingerprint["layer_shapes"],
-        settings={
-            k: fingerprint[k]
-            for k in (
-                "objective_samples",
-                "proxy_blocks",
-                "proxy_rows",
-                "budget",
-                "pop_size",
-                "calibration_shape",
-            )
-        }
-        | {"tolerance": tolerance, "metric_topk": metric_topk, "objective": "logit_frobenius"},
-        timing=timing,
-        versions=versions(),
-    )
+        search.ctx.restore()
+        search.save_state()
+    result = search.result()
     if progress:
         from .report import print_summary
 
@@ -332,10 +127,308 @@ def optishear_search(
     return result
 
 
+class _Search:
+    """State shared by the phases of one search: settings, context, history, timings."""
+
+    def __init__(self, model, calibration, sparsity, pattern, group, cfg, batch_size, device):
+        self.pat = parse_pattern(pattern)
+        if self.pat.is_nm:
+            if sparsity is not None and abs(float(sparsity) - self.pat.sparsity) > 1e-9:
+                raise ValueError(
+                    f"The {self.pat} pattern fixes sparsity at {self.pat.sparsity:g}; leave "
+                    "sparsity unset (None) for N:M patterns."
+                )
+            self.target = self.pat.sparsity
+        else:
+            self.target = validate_sparsity(sparsity, "target sparsity")
+        if group not in ("row", "layer"):
+            raise ValueError(f"Unknown comparison group {group!r}: use 'row' or 'layer'.")
+        self.model, self.group, self.cfg, self.batch_size = model, group, cfg, batch_size
+        self.run_ratios = cfg.search_ratios and not self.pat.is_nm
+        self.cand = cfg.ratio_candidates(self.target) if self.run_ratios else [self.target]
+        home = {p.device for p in model.parameters()}
+        if device is not None and not all(_same_device(d, device) for d in home):
+            raise ValueError(
+                f"The search runs the whole model on {device}, but its weights are on "
+                f"{sorted(str(d) for d in home)}; call model.to({str(device)!r}) first (or "
+                "leave device unset). Block-at-a-time offloading is only for prune()."
+            )
+        self.device = device
+        self.rows = torch.cat(as_calibration_batches(calibration, batch_size))
+        self.windows: SearchWindows = split_calibration(self.rows, cfg, batch_size)
+        self.n_blocks = len(find_decoder_blocks(model)[1])
+        self.uniform = [self.target] * self.n_blocks
+        self.chosen: PruningMethod = WANDA
+        self.pool: list[MetaMetric] = []
+        self.timing: dict[str, float] = {}
+        self.model_evals = 0
+        self.finalists: list[dict] = []
+
+    def check_metrics(self, metric: MetaMetric | None, candidates: Sequence | None) -> None:
+        if self.cfg.search_metric:
+            if candidates is not None and not list(candidates):
+                raise ValueError("metric_candidates is empty; leave it unset for the full space.")
+            self.pool = list(candidates) if candidates is not None else effective_space(self.group)
+        else:
+            self.chosen = metric or WANDA
+
+    # Set-up ------------------------------------------------------------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "model_id": _model_id(self.model),
+            "layer_shapes": layer_shapes(self.model),
+            "target": self.target,
+            "pattern": str(self.pat),
+            "group": self.group,
+            "candidates": self.cand,
+            "calibration_shape": list(self.rows.shape),
+            "calibration_checksum": int(self.rows.long().sum().item()),
+            "metric": None if cfg.search_metric else method_to_dict(self.chosen),
+            "metric_pool": [m.to_dict() for m in self.pool] if self.pool else None,
+            "proxy_blocks": self._proxy_blocks(),
+            # What the finalist phase does (reconstruction, how many, which baselines) is part
+            # of each finalist's history key instead, so one state serves all of those.
+            "settings": {
+                k: v
+                for k, v in cfg.to_dict().items()
+                if k not in ("reconstruct", "finalists", "baselines")
+            }
+            | {"budget": cfg.budget if self.run_ratios else 0},
+        }
+
+    def _proxy_blocks(self) -> list[int]:
+        return _spread(self.n_blocks, self.cfg.proxy_blocks) if self.cfg.search_metric else []
+
+    def start(self, state_path: str | Path | None, progress: bool) -> None:
+        self.state_path, self.progress = state_path, progress
+        self.state = SearchState.load_or_new(state_path, self.fingerprint())
+        self.cache = {json_key(h): h for h in self.state.history}
+        self.started = time.perf_counter()
+        self.ctx = SearchContext(
+            self.model,
+            self.windows.statistics,
+            self.windows.objective,
+            self.pat,
+            self.group,
+            self._proxy_blocks(),
+            self.device,
+            self.progress,
+            proxy_rows=self.cfg.proxy_rows,
+            validation=self.windows.validation,
+            objective_fn=self.cfg.objective,
+        )
+        self.timing["calibration_s"] = time.perf_counter() - self.started
+
+    def save_state(self) -> None:
+        if self.state_path is not None:
+            self.state.save(self.state_path)
+
+    def record(self, entry: dict) -> dict:
+        key = json_key(entry)
+        if key not in self.cache:
+            self.cache[key] = entry
+            self.state.history.append(entry)
+        return self.cache[key]
+
+    def model_error(self, chosen: MetaMetric, ratios: Sequence[float], kind: str) -> float:
+        """Objective of ``chosen`` at ``ratios`` with dense statistics (cached in the history)."""
+        entry = {"kind": kind, "metric": chosen.to_dict(), "ratios": list(ratios)}
+        hit = self.cache.get(json_key(entry))
+        if hit is not None and "error" in hit:
+            return hit["error"]
+        self.ctx.apply(chosen, ratios)
+        err = self.ctx.evaluate("objective")
+        self.ctx.restore()
+        self.model_evals += 1
+        entry["error"] = err
+        entry["sparsity_gap"] = abs(self.ctx.achieved_sparsity(ratios) - self.target)
+        self.record(entry)
+        return err
+
+    # Phases ------------------------------------------------------------------------------
+    def screen_metrics(self) -> None:
+        """Phase 1: the proxy of every metric in the pool (saved as it goes)."""
+        t0 = time.perf_counter()
+        sparsity = None if self.pat.is_nm else self.target
+        self.screened = []
+        with _bar(len(self.pool), "metric proxy", self.progress) as bar:
+            for i, m in enumerate(self.pool):
+                entry = {"kind": "metric_proxy", "metric": m.to_dict()}
+                hit = self.cache.get(json_key(entry))
+                if hit is None:
+                    entry["proxy"] = self.ctx.proxy_error(m, sparsity)
+                    hit = self.record(entry)
+                    if (i + 1) % _SCREEN_SAVE_EVERY == 0:
+                        self.save_state()
+                value = hit["proxy"]
+                self.screened.append((value if math.isfinite(value) else math.inf, m))
+                bar.update(1)
+        self.save_state()
+        self.timing["metric_screen_s"] = time.perf_counter() - t0
+
+    def decide_metric(self) -> None:
+        """Phase 2: the proxy's best ``metric_topk`` (and Wanda) by the model-wise objective."""
+        t0 = time.perf_counter()
+        ranked = [m for _, m in sorted(self.screened, key=lambda t: t[0])]
+        top = ranked[: self.cfg.metric_topk]
+        if WANDA not in top:
+            top.append(WANDA)
+        errs = []
+        with _bar(len(top), "metric objective", self.progress) as bar:
+            for m in top:
+                errs.append(self.model_error(m, self.uniform, "metric"))
+                bar.update(1)
+        self.chosen = top[int(np.argmin(errs))]
+        self.save_state()
+        self.timing["metric_decide_s"] = time.perf_counter() - t0
+
+    def search_ratios(self) -> None:
+        """Phase 3: NSGA-III over per-block ratios with the chosen metric."""
+        t0 = time.perf_counter()
+        cand, target = self.cand, self.target
+        uniform_choice = cand.index(min(cand, key=lambda c: abs(c - target)))
+        with _bar(self.cfg.budget, "ratio search", self.progress) as bar:
+
+            def evaluate(x: np.ndarray) -> tuple[float, float]:
+                ratios = [cand[int(i)] for i in x]
+                err = self.model_error(self.chosen, ratios, "ratios")
+                bar.update(1)
+                return err, abs(self.ctx.achieved_sparsity(ratios) - target)
+
+            run_nsga3(
+                evaluate,
+                self.n_blocks,
+                len(cand),
+                self.cfg.budget,
+                self.cfg.pop_size,
+                self.cfg.seed,
+                uniform_choice,
+                on_generation=self.save_state,
+            )
+        self.timing["ratio_search_s"] = time.perf_counter() - t0
+
+    def finalist_candidates(self) -> list[tuple[PruningMethod, list[float], str]]:
+        """The search's best distinct candidates within tolerance, its metric at uniform
+        ratios, and the baselines: ``(method, ratios, source)``."""
+        evaluated = [
+            h
+            for h in self.state.history
+            if "error" in h and h["sparsity_gap"] <= self.cfg.tolerance + 1e-12
+        ]
+        evaluated.sort(key=lambda h: h["error"])
+        picks: list[tuple[PruningMethod, list[float], str]] = []
+        seen: set[str] = set()
+
+        def add(method: PruningMethod, ratios: list[float], source: str) -> None:
+            if method == WANDA:
+                method = get_method("wanda")  # the same masks: prune and list it once
+            key = json.dumps([method_to_dict(method), ratios])
+            if key not in seen:
+                seen.add(key)
+                picks.append((method, ratios, source))
+
+        for h in evaluated[: self.cfg.finalists]:
+            add(MetaMetric.from_dict(h["metric"]), list(h["ratios"]), "search")
+        add(self.chosen, list(self.uniform), "search")
+        for name in self.cfg.baselines:
+            add(get_method(name), list(self.uniform), "baseline")
+        return picks
+
+    def validate_finalists(self) -> None:
+        """Phase 4: really prune each finalist, score it on objective and validation windows."""
+        t0 = time.perf_counter()
+        picks = self.finalist_candidates()
+        with _bar(len(picks), "finalists", self.progress) as bar:
+            for method, ratios, source in picks:
+                self.finalists.append(self._validate(method, ratios, source))
+                bar.update(1)
+        self.save_state()
+        self.timing["validation_s"] = time.perf_counter() - t0
+
+    def _validate(self, method: PruningMethod, ratios: list[float], source: str) -> dict:
+        entry = {
+            "kind": "finalist",
+            "method": method_to_dict(method),
+            "ratios": ratios,
+            "reconstruct": self.cfg.reconstruct,
+            "source": source,
+        }
+        hit = self.cache.get(json_key(entry))
+        if hit is not None and "validation" in hit:
+            return hit
+        prune(
+            self.model,
+            self.windows.statistics,
+            method,
+            None if self.pat.is_nm else ratios,
+            str(self.pat),
+            self.group,
+            batch_size=self.batch_size,
+            device=self.device,
+            keep_masks=False,
+            atomic=False,
+            reconstruct=self.cfg.reconstruct,
+        )
+        try:
+            entry["objective"] = self.ctx.evaluate("objective")
+            entry["validation"] = self.ctx.evaluate("validation")
+        finally:
+            self.ctx.restore()
+        entry["sparsity_gap"] = abs(self.ctx.achieved_sparsity(ratios) - self.target)
+        return self.record(entry)
+
+    # Result --------------------------------------------------------------------------------
+    def result(self) -> SearchResult:
+        winner = min(self.finalists, key=lambda f: f["validation"])
+        searched = [
+            h for h in self.state.history if "error" in h and h["metric"] == self.chosen.to_dict()
+        ]
+        errors = [h["error"] for h in searched]
+        gaps = [h["sparsity_gap"] for h in searched]
+        front = sorted(
+            (
+                {"ratios": searched[i]["ratios"], "error": errors[i], "sparsity_gap": gaps[i]}
+                for i in non_dominated(np.column_stack([errors, gaps]))
+            ),
+            key=lambda p: p["sparsity_gap"],
+        )
+        best_search = searched[select_solution(errors, gaps, self.cfg.tolerance)]
+        total = time.perf_counter() - self.started
+        phases = sum(v for k, v in self.timing.items() if k != "calibration_s")
+        self.timing |= {
+            "total_s": total,
+            "model_evaluations": self.model_evals,
+            "evaluations_per_s": self.model_evals / phases if phases > 0 else 0.0,
+        }
+        return SearchResult(
+            metric=method_from_dict(winner["method"]),
+            ratios=list(winner["ratios"]),
+            target_sparsity=self.target,
+            achieved_sparsity=self.ctx.achieved_sparsity(winner["ratios"]),
+            pattern=str(self.pat),
+            group=self.group,
+            candidates=self.cand,
+            pareto_front=front,
+            history=self.state.history,
+            seed=self.cfg.seed,
+            model_id=_model_id(self.model),
+            layer_shapes=layer_shapes(self.model),
+            settings=self.cfg.to_dict()
+            | {"calibration_shape": list(self.rows.shape), "proxy_blocks": self._proxy_blocks()},
+            timing=self.timing,
+            versions=package_versions(),
+            finalists=self.finalists,
+            chosen_by=winner["source"],
+            search_pick={"metric": best_search["metric"], "ratios": best_search["ratios"]},
+            reconstruct=self.cfg.reconstruct,
+        )
+
+
 def optishear_prune(
     model: nn.Module,
     calibration: Any,
-    sparsity: float = 0.5,
+    sparsity: float | None = 0.5,
     pattern: str = "unstructured",
     group: str = "row",
     *,
@@ -347,6 +440,9 @@ def optishear_prune(
     **search_kwargs: Any,
 ) -> tuple[PruneResult, SearchResult]:
     """Search (or reuse a saved search) and prune ``model`` in place.
+
+    The final prune uses *all* calibration rows (statistics, objective and validation windows
+    alike): the decision was made on held-out text; the masks are then fitted to all of it.
 
     Args:
         model: a causal LM.
@@ -360,8 +456,10 @@ def optishear_prune(
         batch_size: sequences per forward pass.
         device: where blocks run.
         progress: progress bars.
-        **search_kwargs: passed to :func:`optishear_search`.
+        **search_kwargs: passed to :func:`optishear_search` (``config=``, SearchConfig fields,
+            ``state_path``...).
     """
+    pat = parse_pattern(pattern)
     if search_result is None:
         found = optishear_search(
             model,
@@ -381,35 +479,41 @@ def optishear_prune(
             else SearchResult.load(search_result)
         )
         found.check_compatible(model)
-        if str(parse_pattern(pattern)) != found.pattern:
+        if str(pat) != found.pattern:
             raise ValueError(
                 f"The search result was found for pattern {found.pattern}, not {pattern}."
             )
-        if not parse_pattern(pattern).is_nm and abs(found.target_sparsity - sparsity) > 1e-9:
+        if not pat.is_nm and abs(found.target_sparsity - sparsity) > 1e-9:
             raise ValueError(
                 f"The search result targets sparsity {found.target_sparsity}, not {sparsity}; "
                 "search again or use the same target."
             )
-    ratios = None if parse_pattern(pattern).is_nm else found.ratios
     result = prune(
         model,
         calibration,
         method or found.metric,
-        ratios,
+        None if pat.is_nm else found.ratios,
         pattern,
         group,
         batch_size=batch_size,
         device=device,
         progress=progress,
+        reconstruct=found.reconstruct,
     )
     return result, found
 
 
 def json_key(entry: dict) -> str:
     """Cache key of a history entry: what was evaluated, not its results."""
-    # A model-wise evaluation is identified by (metric, ratios) alone, so the uniform ratios
-    # evaluated by the metric search are not evaluated again by the ratio search.
-    fields = ("kind", "metric") if entry.get("kind") == "metric_proxy" else ("metric", "ratios")
+    kind = entry.get("kind")
+    if kind == "metric_proxy":
+        fields: tuple[str, ...] = ("kind", "metric")
+    elif kind == "finalist":
+        fields = ("kind", "method", "ratios", "reconstruct")
+    else:
+        # A model-wise evaluation is identified by (metric, ratios) alone, so the uniform
+        # ratios evaluated by the metric phase are not evaluated again by the ratio phase.
+        fields = ("metric", "ratios")
     return json.dumps({k: entry.get(k) for k in fields}, sort_keys=True)
 
 
@@ -419,12 +523,26 @@ def _same_device(a: torch.device, b: str | torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
-def _bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+class _bar:
+    """A tqdm bar when ``enabled``, else a stand-in that ignores updates."""
 
-    return tqdm(total=total, desc=desc, unit="cand")
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="cand")
+
+    def __enter__(self) -> _bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
 
 
 def _model_id(model: nn.Module) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .result import SearchResult
+from .result import SearchResult, describe
 
 __all__ = ["plot_pareto", "plot_ratios", "print_summary", "save_plots"]
 
@@ -19,7 +19,7 @@ def print_summary(result: SearchResult) -> None:
     table.add_column("item")
     table.add_column("value", overflow="fold")
     table.add_row("model", result.model_id)
-    table.add_row("metric", str(result.metric))
+    table.add_row("metric", f"{describe(result.metric)} (chosen by the {result.chosen_by})")
     table.add_row("pattern / group", f"{result.pattern} / {result.group}")
     table.add_row(
         "sparsity", f"target {result.target_sparsity:.4f}, achieved {result.achieved_sparsity:.4f}"
@@ -31,7 +31,29 @@ def print_summary(result: SearchResult) -> None:
         f"{evals} model-wise evaluations, {result.timing.get('evaluations_per_s', 0):.2f}/s, "
         f"{result.timing.get('total_s', 0):.1f}s in total",
     )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if result.finalists:
+        finals = Table(title="Finalists (really pruned; the lowest validation value wins)")
+        for column in ("source", "method", "ratios", "objective", "validation"):
+            finals.add_column(column)
+        for f in result.finalists:
+            uniform = len(set(f["ratios"])) == 1
+            finals.add_row(
+                f["source"],
+                f["method"].get("name") or describe_dict(f["method"]),
+                "uniform" if uniform else "searched",
+                f"{f['objective']:.5g}",
+                f"{f['validation']:.5g}",
+            )
+        console.print(finals)
+
+
+def describe_dict(data: dict) -> str:
+    """The formula of a metric given as its JSON fields."""
+    from .result import method_from_dict
+
+    return describe(method_from_dict(data))
 
 
 def _pyplot():
@@ -55,7 +77,8 @@ def _save(fig, path: str | os.PathLike) -> Path:
 def plot_pareto(result: SearchResult, path: str | os.PathLike) -> Path:
     """Scatter of every evaluated ratio candidate, the Pareto front and the chosen point."""
     plt = _pyplot()
-    ratios = [h for h in result.history if "error" in h and h["metric"] == result.metric.to_dict()]
+    searched = result.search_pick.get("metric")
+    ratios = [h for h in result.history if "error" in h and h["metric"] == searched]
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.scatter(
         [h["sparsity_gap"] for h in ratios],
@@ -75,7 +98,7 @@ def plot_pareto(result: SearchResult, path: str | os.PathLike) -> Path:
         (
             h
             for h in ratios
-            if h["ratios"] == result.ratios and h["metric"] == result.metric.to_dict()
+            if h["ratios"] == result.search_pick.get("ratios")
         ),
         None,
     )
@@ -86,11 +109,11 @@ def plot_pareto(result: SearchResult, path: str | os.PathLike) -> Path:
             marker="*",
             s=160,
             c="tab:red",
-            label="chosen",
+            label="search's pick",
             zorder=3,
         )
     ax.set_xlabel("|target - achieved| global sparsity")
-    ax.set_ylabel("||logits_pruned - logits_dense||_F")
+    ax.set_ylabel(f"objective ({result.settings.get('objective', 'logit_frobenius')})")
     ax.set_title(f"{result.model_id}: ratio search")
     ax.legend()
     return _save(fig, path)
@@ -106,7 +129,7 @@ def plot_ratios(result: SearchResult, path: str | os.PathLike) -> Path:
     ax.set_ylim(max(0.0, lo - 0.05), min(1.0, hi + 0.05))
     ax.set_xlabel("decoder block")
     ax.set_ylabel("sparsity ratio")
-    ax.set_title(f"{result.model_id}: layer-wise sparsity ({result.metric})", fontsize=8)
+    ax.set_title(f"{result.model_id}: layer-wise sparsity ({describe(result.metric)})", fontsize=8)
     ax.legend()
     return _save(fig, path)
 

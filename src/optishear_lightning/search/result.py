@@ -20,10 +20,19 @@ from typing import Any
 
 from torch import nn
 
+from ..metrics import PruningMethod, get_method
 from ..models import find_decoder_blocks, named_prunable_linears
 from .space import MetaMetric
 
-__all__ = ["SearchResult", "SearchState", "atomic_write_json", "layer_shapes", "versions"]
+__all__ = [
+    "SearchResult",
+    "SearchState",
+    "atomic_write_json",
+    "layer_shapes",
+    "method_from_dict",
+    "method_to_dict",
+    "versions",
+]
 
 FORMAT_VERSION = 1
 
@@ -61,6 +70,25 @@ def _read_json(path: str | os.PathLike, what: str) -> dict:
     return data
 
 
+def method_to_dict(method: PruningMethod) -> dict[str, str]:
+    """JSON form of a search outcome: a :class:`MetaMetric`'s fields, or a method's name."""
+    if isinstance(method, MetaMetric):
+        return method.to_dict()
+    return {"name": method.name}
+
+
+def method_from_dict(data: dict) -> PruningMethod:
+    """Inverse of :func:`method_to_dict`."""
+    if set(data) == {"name"}:
+        return get_method(data["name"])
+    return MetaMetric.from_dict(data)
+
+
+def describe(method: PruningMethod) -> str:
+    """A metric's formula, or a fixed method's name."""
+    return str(method) if isinstance(method, MetaMetric) else method.name
+
+
 def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
     """Shape of every prunable weight, by fully qualified name."""
     return {
@@ -91,7 +119,8 @@ class SearchResult:
     """The outcome of an OptiShear search.
 
     Attributes:
-        metric: the chosen pruning metric.
+        metric: the chosen pruning method: a searched :class:`MetaMetric`, or a baseline
+            (``wanda``, ``ria``) when one of them validated best.
         ratios: sparsity of each decoder block.
         target_sparsity: the requested global sparsity.
         achieved_sparsity: global sparsity that ``ratios`` give over all prunable weights.
@@ -107,9 +136,14 @@ class SearchResult:
         settings: the search settings.
         timing: seconds per phase, candidates evaluated, candidates per second.
         versions: package versions.
+        finalists: every finalist really pruned and scored: ``method``, ``ratios``,
+            ``source`` (``"search"`` or ``"baseline"``), ``objective`` and ``validation``.
+        chosen_by: ``"search"``, or ``"baseline"`` when a fixed method won the validation.
+        search_pick: what the search alone (objective windows, dense statistics) picked.
+        reconstruct: the weight reconstruction the finalists and the final prune use.
     """
 
-    metric: MetaMetric
+    metric: PruningMethod
     ratios: list[float]
     target_sparsity: float
     achieved_sparsity: float
@@ -124,11 +158,15 @@ class SearchResult:
     settings: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    finalists: list[dict] = field(default_factory=list)
+    chosen_by: str = "search"
+    search_pick: dict[str, Any] = field(default_factory=dict)
+    reconstruct: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["metric"] = self.metric.to_dict()
-        data["metric_formula"] = str(self.metric)
+        data["metric"] = method_to_dict(self.metric)
+        data["metric_formula"] = describe(self.metric)
         data["format_version"] = FORMAT_VERSION
         data["kind"] = "search_result"
         return data
@@ -138,7 +176,7 @@ class SearchResult:
         data = dict(data)
         for key in ("format_version", "kind", "metric_formula"):
             data.pop(key, None)
-        data["metric"] = MetaMetric.from_dict(data["metric"])
+        data["metric"] = method_from_dict(data["metric"])
         return cls(**data)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -185,7 +223,7 @@ class SearchResult:
     def summary(self) -> str:
         """Plain-text summary: the metric and the ratio of each block."""
         lines = [
-            f"metric: {self.metric}",
+            f"metric: {describe(self.metric)} (chosen by the {self.chosen_by})",
             f"target sparsity {self.target_sparsity:.4f}, achieved {self.achieved_sparsity:.4f}"
             f" ({self.pattern}, {self.group})",
             "block ratios: " + " ".join(f"{r:.2f}" for r in self.ratios),
