@@ -71,22 +71,13 @@ def main() -> None:
     total = time.perf_counter() - t
     timing = found.timing
     n_proxy = sum(1 for h in found.history if h["kind"] == "metric_proxy")
-    finalists = sum(1 for h in found.history if h["kind"] == "metric")
-    per_eval = timing["ratio_search_s"] / max(timing["model_evaluations"] - finalists, 1)
-    screening = timing["metric_search_s"] - finalists * per_eval
-    estimate = (
-        timing["calibration_s"]
-        + screening * 8 / max(args.proxy_blocks, 1)
-        + (args.metric_topk + 1) * per_eval
-        + 299 * per_eval
-    )
+    finalists = len(found.finalists)
     report = {
         "measured_total_s": total,
         "timing": timing,
         "proxy_screenings": n_proxy,
-        "finalists": finalists,
-        "seconds_per_model_evaluation": per_eval,
-        "estimated_default_search_s": estimate,
+        "validated_finalists": finalists,
+        "chosen_by": found.chosen_by,
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,

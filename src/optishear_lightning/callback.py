@@ -146,9 +146,9 @@ class OptiShearCallback(Callback):
                 f"({reconstruct!r}); set it once, as the callback's reconstruct."
             )
         search = search.replace(reconstruct=reconstruct)
-        if method == "optishear" and search_result is None and search.search_ratios:
-            if not pat.is_nm:  # fails now, not after the model has loaded
-                search.ratio_candidates(sparsity)
+        searching = method == "optishear" and search_result is None
+        if searching and search.search_ratios and not pat.is_nm:
+            search.ratio_candidates(sparsity)  # fails now, not after the model has loaded
         for name, value, low in (
             ("calibration_seq_len", calibration_seq_len, 2),
             ("calibration_batch_size", calibration_batch_size, 1),

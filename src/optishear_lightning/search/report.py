@@ -95,11 +95,7 @@ def plot_pareto(result: SearchResult, path: str | os.PathLike) -> Path:
         label="Pareto front",
     )
     chosen = next(
-        (
-            h
-            for h in ratios
-            if h["ratios"] == result.search_pick.get("ratios")
-        ),
+        (h for h in ratios if h["ratios"] == result.search_pick.get("ratios")),
         None,
     )
     if chosen is not None:

@@ -33,9 +33,7 @@ def _cut(rows: torch.Tensor, seq_len: int, count: int, batch_size: int) -> list[
     return list(windows.split(batch_size))
 
 
-def split_calibration(
-    rows: torch.Tensor, config: SearchConfig, batch_size: int
-) -> SearchWindows:
+def split_calibration(rows: torch.Tensor, config: SearchConfig, batch_size: int) -> SearchWindows:
     """Split ``(n, seq_len)`` calibration rows into statistics, objective and validation.
 
     Raises:
