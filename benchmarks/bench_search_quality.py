@@ -51,7 +51,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--zs-settings", nargs="*", default=["0.5"])
     p.add_argument("--settings", nargs="+", default=["0.5"])
     p.add_argument("--fidelity", nargs="*", default=["0.5"], help="settings to measure rho on")
-    p.add_argument("--reconstruct", nargs="*", default=["lsq", "obs"])
+    p.add_argument("--reconstruct", nargs="*", default=["lsq", "obs"], help="for fixed methods")
+    p.add_argument("--recon-methods", nargs="*", default=["wanda", "sparsegpt"])
+    p.add_argument("--search-reconstruct", nargs="*", default=["lsq", "obs"])
+    p.add_argument(
+        "--recon-baselines",
+        nargs="*",
+        default=["wanda", "ria", "sparsegpt"],
+        help="baselines of the searches with reconstruction",
+    )
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--eval-seqlen", type=int, default=2048)
@@ -127,6 +135,8 @@ def run_fixed(b: Bench, setting: str, method: str, reconstruct: str | None = Non
 def run_search(b: Bench, setting: str, reconstruct: str | None, state: Path) -> Any:
     sparsity, pattern = sparsity_args(setting)
     config = SearchConfig(**json.loads(b.args.search)).replace(reconstruct=reconstruct)
+    if reconstruct:
+        config = config.replace(baselines=b.args.recon_baselines)
     b.reset()
     if b.args.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -218,17 +228,18 @@ def main() -> None:
         for method in ("wanda", "ria", "sparsegpt"):
             run_fixed(b, setting, method)
         for recon in args.reconstruct:
-            run_fixed(b, setting, "wanda", recon)
+            for method in args.recon_methods:
+                run_fixed(b, setting, method, recon)
         save()
         state = out / f"{args.tag}_state_{setting.replace(':', 'of')}.json"
         state.unlink(missing_ok=True)
         found = run_search(b, setting, None, state)
         save()
-        if setting in args.fidelity:
-            fidelity(b, setting, found)
-        for recon in args.reconstruct:
+        for recon in args.search_reconstruct:
             run_search(b, setting, recon, state)
             save()
+        if setting in args.fidelity:  # last: the targets above matter more if time runs out
+            fidelity(b, setting, found)
         state.unlink(missing_ok=True)
     save()
 

@@ -378,6 +378,7 @@ class OptiShearCallback(Callback):
 
         saved = SearchResult.load(self.search_result)
         saved.check_compatible(model)
+        saved.warn_if_other_weights(model)
         if saved.pattern != self.pattern:
             raise ValueError(
                 f"{self.search_result} was searched for pattern {saved.pattern}, not "

@@ -423,8 +423,21 @@ def test_state_of_another_search_is_refused(tmp_path, monkeypatch):
     assert "target" in str(info.value)
     with pytest.raises(ValueError, match="different search"):
         search(m, state_path=state, budget=11)
+    other = tiny_llama(1, LAYERS, HIDDEN)  # same shapes, other weights
+    with pytest.raises(ValueError, match="weights_digest"):
+        search(other, state_path=state, budget=10)
+    flipped = IDS.clone()
+    flipped[0, 0] = (flipped[0, 0] + 1) % 128  # same shape, one other token
+    with pytest.raises(ValueError, match="calibration_digest"):
+        optishear_search(m, flipped, 0.5, **(SETTINGS | {"state_path": state, "budget": 10}))
     assert state.read_text() == text  # left alone
     assert_unchanged(m, before)
+
+
+def test_saved_result_on_other_weights_warns_but_applies(result):
+    other = tiny_llama(1, LAYERS, HIDDEN)
+    with pytest.warns(UserWarning, match="other weights"):
+        optishear_prune(other, IDS, 0.5, search_result=result, progress=False)
 
 
 def test_corrupted_state_is_refused(tmp_path, monkeypatch):

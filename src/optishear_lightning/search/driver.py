@@ -41,7 +41,15 @@ from ..pruning import PruneResult, as_calibration_batches, prune
 from .config import SearchConfig
 from .context import SearchContext
 from .ratios import non_dominated, run_nsga3, select_solution
-from .result import SearchResult, SearchState, layer_shapes, method_from_dict, method_to_dict
+from .result import (
+    SearchResult,
+    SearchState,
+    layer_shapes,
+    method_from_dict,
+    method_to_dict,
+    tokens_digest,
+    weights_digest,
+)
 from .result import versions as package_versions
 from .space import WANDA, MetaMetric, effective_space
 from .windows import SearchWindows, split_calibration
@@ -157,6 +165,7 @@ class _Search:
         self.rows = torch.cat(as_calibration_batches(calibration, batch_size))
         self.windows: SearchWindows = split_calibration(self.rows, cfg, batch_size)
         self.n_blocks = len(find_decoder_blocks(model)[1])
+        self.weights_digest = weights_digest(model)
         self.uniform = [self.target] * self.n_blocks
         self.chosen: PruningMethod = WANDA
         self.pool: list[MetaMetric] = []
@@ -183,7 +192,10 @@ class _Search:
             "group": self.group,
             "candidates": self.cand,
             "calibration_shape": list(self.rows.shape),
-            "calibration_checksum": int(self.rows.long().sum().item()),
+            # Same shapes are not the same search: another model or other calibration text
+            # must not take this state's objective values.
+            "weights_digest": self.weights_digest,
+            "calibration_digest": tokens_digest(self.rows),
             "metric": None if cfg.search_metric else method_to_dict(self.chosen),
             "metric_pool": [m.to_dict() for m in self.pool] if self.pool else None,
             "proxy_blocks": self._proxy_blocks(),
@@ -422,6 +434,7 @@ class _Search:
             chosen_by=winner["source"],
             search_pick={"metric": best_search["metric"], "ratios": best_search["ratios"]},
             reconstruct=self.cfg.reconstruct,
+            weights_digest=self.weights_digest,
         )
 
 
@@ -479,6 +492,7 @@ def optishear_prune(
             else SearchResult.load(search_result)
         )
         found.check_compatible(model)
+        found.warn_if_other_weights(model)
         if str(pat) != found.pattern:
             raise ValueError(
                 f"The search result was found for pattern {found.pattern}, not {pattern}."

@@ -10,14 +10,17 @@ Both files are written to a temporary file and renamed, so an interrupt never tr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..metrics import PruningMethod, get_method
@@ -31,7 +34,9 @@ __all__ = [
     "layer_shapes",
     "method_from_dict",
     "method_to_dict",
+    "tokens_digest",
     "versions",
+    "weights_digest",
 ]
 
 FORMAT_VERSION = 1
@@ -97,6 +102,23 @@ def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
     }
 
 
+def weights_digest(model: nn.Module, samples: int = 65536) -> str:
+    """A SHA-256 of an evenly strided sample of every prunable weight (exact values, no
+    arithmetic, so the same weights give the same digest on any device)."""
+    digest = hashlib.sha256()
+    for name, lin in named_prunable_linears(model).items():
+        flat = lin.weight.detach().reshape(-1)
+        picked = flat[:: max(1, flat.numel() // samples)]
+        digest.update(name.encode())
+        digest.update(picked.to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokens_digest(rows: torch.Tensor) -> str:
+    """A SHA-256 of calibration token ids (as int64)."""
+    return hashlib.sha256(rows.to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
 def versions() -> dict[str, str]:
     """Versions of the packages that determine a search's numbers."""
     import pymoo
@@ -141,6 +163,7 @@ class SearchResult:
         chosen_by: ``"search"``, or ``"baseline"`` when a fixed method won the validation.
         search_pick: what the search alone (objective windows, dense statistics) picked.
         reconstruct: the weight reconstruction the finalists and the final prune use.
+        weights_digest: :func:`weights_digest` of the model searched on.
     """
 
     metric: PruningMethod
@@ -162,6 +185,7 @@ class SearchResult:
     chosen_by: str = "search"
     search_pick: dict[str, Any] = field(default_factory=dict)
     reconstruct: str | None = None
+    weights_digest: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -218,6 +242,17 @@ class SearchResult:
                 f"This search result was found for {self.model_id}, whose prunable layers "
                 f"differ from the given model's (first differences: {diff[:3]}). Search again "
                 "for this model."
+            )
+
+    def warn_if_other_weights(self, model: nn.Module) -> None:
+        """Warn (not fail) when ``model``'s weights differ from the ones searched on: reusing a
+        search across fine-tuned variants of one model is legitimate, but should be seen."""
+        if self.weights_digest is not None and weights_digest(model) != self.weights_digest:
+            warnings.warn(
+                f"This search result was found on other weights than the given model's (same "
+                f"shapes as {self.model_id}); its metric and ratios are applied as they are.",
+                UserWarning,
+                stacklevel=2,
             )
 
     def summary(self) -> str:
