@@ -2,6 +2,7 @@ import json
 import os
 import stat
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,3 +191,45 @@ def test_failed_overwrite_keeps_the_earlier_export(tmp_path, monkeypatch):
         save_pruned_model(model, out, overwrite=True)
     assert (out / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["pruned"]
+
+
+@pytest.mark.parametrize(
+    "sparsity", [np.float32(0.5), np.float64(0.5), torch.tensor(0.5), {"0": 0.5, 1: 0.5}]
+)
+def test_numeric_scalars_and_yaml_style_keys_are_accepted(sparsity):
+    assert resolve_block_sparsities(sparsity, 2) == [0.5, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("sparsity", "match"),
+    [
+        ("abc", "not the text 'abc'"),
+        ("0.5", "not the text '0.5'"),
+        ({"abc": 0.5, 1: 0.5}, "block indices"),
+        ({1.5: 0.5, 0: 0.5}, "block indices"),
+        ({0: 0.5, 1: 0.5, 7: 0.5}, "names block 7"),
+        ([0.5, "x"], "number"),
+    ],
+)
+def test_bad_sparsity_specs_are_clear_errors(sparsity, match):
+    model = tiny_llama()
+    before = weights(model)
+    with pytest.raises(ValueError, match=match):
+        prune(model, IDS, "wanda", sparsity)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    ("calibration", "match"),
+    [
+        (torch.full((2, 16), 5000), r"outside the model's vocabulary \[0, 127\]"),
+        (torch.full((2, 16), -1), "outside the model's vocabulary"),
+        ([IDS[0], torch.tensor([], dtype=torch.long)], "item 1 is empty"),
+    ],
+)
+def test_bad_calibration_tokens_are_clear_errors(calibration, match):
+    model = tiny_llama()
+    before = weights(model)
+    with pytest.raises(ValueError, match=match):
+        prune(model, calibration, "wanda", 0.5)
+    assert_unchanged(model, before)

@@ -34,7 +34,13 @@ from .finetuning import SparseMasks
 from .masks import parse_pattern, validate_sparsity
 from .metrics import METHODS
 from .models import find_decoder_blocks
-from .pruning import as_calibration_batches, check_output_dir, prune, save_pruned_model
+from .pruning import (
+    as_calibration_batches,
+    check_output_dir,
+    check_token_ids,
+    prune,
+    save_pruned_model,
+)
 from .reconstruction import Reconstruction, check_reconstruction
 from .search.config import SearchConfig
 
@@ -439,13 +445,10 @@ class OptiShearCallback(Callback):
                 f"{where} yielded no usable tokens: it must yield token ids shaped "
                 "(batch, seq_len >= 2)."
             )
-        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-        top = max(int(r.max()) for r in rows)
-        if vocab is not None and (top >= vocab or min(int(r.min()) for r in rows) < 0):
-            raise ValueError(
-                f"{where} yields token id {top}, outside the model's vocabulary of {vocab}; "
-                "tokenize calibration text with the model's own tokenizer."
-            )
+        try:
+            check_token_ids(rows, model)
+        except ValueError as err:
+            raise ValueError(f"{where} yields unusable tokens: {err}") from None
         return as_calibration_batches(rows, self.calibration_batch_size)
 
     def _broadcast(

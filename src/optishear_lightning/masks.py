@@ -89,7 +89,13 @@ def parse_pattern(pattern: str | SparsityPattern) -> SparsityPattern:
 
 
 def validate_sparsity(sparsity: float, what: str = "sparsity") -> float:
-    """Check a sparsity ratio is a finite number in [0, 1) and return it as ``float``."""
+    """Check a sparsity ratio is a finite number in [0, 1) and return it as ``float``.
+
+    Any real scalar is accepted (``0.5``, ``np.float32(0.5)``, ``torch.tensor(0.5)``); text is
+    not, even when it looks like a number.
+    """
+    if isinstance(sparsity, (str, bytes)):
+        raise ValueError(f"{what} must be a number in [0, 1), not the text {sparsity!r}.")
     try:
         value = float(sparsity)
     except (TypeError, ValueError):

@@ -8,6 +8,7 @@ method from :mod:`.metrics` as soon as its statistics are known.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import resource
 import shutil
@@ -34,6 +35,7 @@ __all__ = [
     "PruneResult",
     "as_calibration_batches",
     "check_output_dir",
+    "check_token_ids",
     "prune",
     "resolve_block_sparsities",
     "save_pruned_model",
@@ -108,7 +110,7 @@ def resolve_block_sparsities(
     if pat.is_nm:
         implied = pat.sparsity
         if sparsity is not None and not (
-            isinstance(sparsity, (int, float)) and abs(float(sparsity) - implied) < 1e-9
+            _is_scalar(sparsity) and abs(float(sparsity) - implied) < 1e-9
         ):
             raise ValueError(
                 f"The {pat} pattern fixes sparsity at {implied:g}; leave sparsity unset (None) "
@@ -117,17 +119,20 @@ def resolve_block_sparsities(
         return [implied] * n_blocks
     if sparsity is None:
         raise ValueError("sparsity is required for unstructured pruning, e.g. sparsity=0.5.")
+    if isinstance(sparsity, (str, bytes)):
+        raise ValueError(
+            f"sparsity must be a number, a list with one ratio per block or a {{block: ratio}} "
+            f"mapping, not the text {sparsity!r}; write 0.5, not '0.5'."
+        )
     if isinstance(sparsity, Mapping):
-        keys = {int(k) for k in sparsity}
-        missing = sorted(set(range(n_blocks)) - keys)
-        extra = sorted(keys - set(range(n_blocks)))
-        if missing or extra:
+        by_block = {_block_index(k, n_blocks): v for k, v in sparsity.items()}
+        missing = sorted(set(range(n_blocks)) - set(by_block))
+        if missing:
             raise ValueError(
-                f"Per-block sparsity must name every block 0..{n_blocks - 1} exactly; "
-                f"missing {missing}, unknown {extra}."
+                f"Per-block sparsity must name every block 0..{n_blocks - 1}; missing {missing}."
             )
-        values = [sparsity[k] if k in sparsity else sparsity[str(k)] for k in range(n_blocks)]
-    elif isinstance(sparsity, (int, float)):
+        values = [by_block[k] for k in range(n_blocks)]
+    elif _is_scalar(sparsity):
         values = [sparsity] * n_blocks
     else:
         values = list(sparsity)
@@ -137,6 +142,26 @@ def resolve_block_sparsities(
                 "blocks; give one ratio per block."
             )
     return [validate_sparsity(v, f"sparsity of block {i}") for i, v in enumerate(values)]
+
+
+def _is_scalar(value: Any) -> bool:
+    """A real number: Python, NumPy or a one-element tensor (not text, not a bool)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not value.is_complex()
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _block_index(key: Any, n_blocks: int) -> int:
+    """A ``{block: ratio}`` key as an int (YAML/JSON may give ``"3"``), or a clear error."""
+    text = str(key).strip()
+    if isinstance(key, bool) or not (isinstance(key, int) or text.isdigit()):
+        raise ValueError(
+            f"Per-block sparsity keys are block indices 0..{n_blocks - 1}; got {key!r}."
+        )
+    index = int(text)
+    if index >= n_blocks:
+        raise ValueError(f"Per-block sparsity names block {index}; the model has {n_blocks}.")
+    return index
 
 
 def as_calibration_batches(calibration: Any, batch_size: int = 8) -> list[torch.Tensor]:
@@ -157,6 +182,11 @@ def as_calibration_batches(calibration: Any, batch_size: int = 8) -> list[torch.
     for item in items:
         ids = item["input_ids"] if isinstance(item, Mapping) else item
         ids = torch.as_tensor(ids)
+        if ids.numel() == 0:
+            raise ValueError(
+                f"Calibration item {len(rows)} is empty; every item needs token ids shaped "
+                "(batch, seq_len) with seq_len >= 2."
+            )
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
@@ -180,6 +210,22 @@ def as_calibration_batches(calibration: Any, batch_size: int = 8) -> list[torch.
         for start in range(0, len(same), batch_size):
             batches.append(torch.stack(same[start : start + batch_size]))
     return batches
+
+
+def check_token_ids(batches: Sequence[torch.Tensor], model: nn.Module) -> None:
+    """Refuse token ids outside the model's vocabulary (an embedding lookup would fail late,
+    with a bare ``IndexError``)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is None or not batches:
+        return
+    low = min(int(b.min()) for b in batches)
+    high = max(int(b.max()) for b in batches)
+    if low < 0 or high >= vocab:
+        raise ValueError(
+            f"Calibration token ids span [{low}, {high}], outside the model's vocabulary "
+            f"[0, {vocab - 1}]; tokenize the calibration text with the model's own tokenizer."
+        )
 
 
 def _peak_memory(device: torch.device) -> dict[str, int]:
@@ -290,6 +336,7 @@ def prune(
                 source, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed, model=model
             )
         batches = as_calibration_batches(calibration, batch_size)
+        check_token_ids(batches, model)
 
     home = next(model.parameters()).device
     run_device = torch.device(device) if device is not None else home
