@@ -213,11 +213,20 @@ def as_calibration_batches(calibration: Any, batch_size: int = 8) -> list[torch.
 
 
 def check_token_ids(batches: Sequence[torch.Tensor], model: nn.Module) -> None:
-    """Refuse token ids outside the model's vocabulary (an embedding lookup would fail late,
-    with a bare ``IndexError``)."""
+    """Refuse windows longer than the model's positions and token ids outside its vocabulary
+    (they would prune silently on wrong positions, or fail late with a bare ``IndexError``)."""
+    if not batches:
+        return
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = max(b.shape[1] for b in batches)
+    if isinstance(limit, int) and longest > limit:
+        raise ValueError(
+            f"Calibration windows of {longest} tokens are longer than the model's "
+            f"max_position_embeddings ({limit}); use seq_len <= {limit}."
+        )
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = getattr(embeddings, "num_embeddings", None)
-    if vocab is None or not batches:
+    if vocab is None:
         return
     low = min(int(b.min()) for b in batches)
     high = max(int(b.max()) for b in batches)

@@ -37,7 +37,7 @@ from torch import nn
 from ..masks import parse_pattern, validate_sparsity
 from ..metrics import PruningMethod, get_method
 from ..models import find_decoder_blocks
-from ..pruning import PruneResult, as_calibration_batches, prune
+from ..pruning import PruneResult, as_calibration_batches, check_token_ids, prune
 from .config import SearchConfig
 from .context import SearchContext
 from .ratios import non_dominated, run_nsga3, select_solution
@@ -163,6 +163,7 @@ class _Search:
             )
         self.device = device
         self.rows = torch.cat(as_calibration_batches(calibration, batch_size))
+        check_token_ids([self.rows], model)
         self.windows: SearchWindows = split_calibration(self.rows, cfg, batch_size)
         self.n_blocks = len(find_decoder_blocks(model)[1])
         self.weights_digest = weights_digest(model)
