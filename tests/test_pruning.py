@@ -237,5 +237,5 @@ def test_bad_calibration_tokens_are_clear_errors(calibration, match):
 
 def test_windows_longer_than_the_models_positions_are_refused():
     model = tiny_llama()  # max_position_embeddings=256
-    with pytest.raises(ValueError, match=r"longer than the model's max_position_embeddings \(256\)"):
+    with pytest.raises(ValueError, match=r"max_position_embeddings \(256\)"):
         prune(model, torch.zeros(1, 300, dtype=torch.long), "wanda", 0.5)
