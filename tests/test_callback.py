@@ -379,3 +379,74 @@ def test_sharded_strategies_are_refused_before_any_work():
     cb = OptiShearCallback(method="wanda", progress=False)
     with pytest.raises(ValueError, match="single-device and DDP"):
         cb.setup(SimpleNamespace(strategy=FSDPStrategy()), None, "fit")
+
+
+# Resuming from damaged checkpoints -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory):
+    """A checkpoint of a wanda-pruned run (2 steps), and the callback state key in it."""
+    root = tmp_path_factory.mktemp("ckpt")
+    module = CausalLMModule(tiny_llama(layers=2), learning_rate=1e-2)
+    ckpt = ModelCheckpoint(dirpath=root / "ckpts", save_last=True, every_n_train_steps=2)
+    cb = OptiShearCallback(method="wanda", sparsity=0.5, progress=False)
+    trainer(root, cb, callbacks=[cb, ckpt], max_steps=2).fit(module, datamodule=datamodule())
+    path = root / "ckpts" / "last.ckpt"
+    data = torch.load(path, weights_only=False)
+    key = next(k for k in data["callbacks"] if "OptiShearCallback" in k)
+    return path, key
+
+
+def resume_from(tmp_path, saved_checkpoint, edit=None, method="wanda", **kwargs):
+    path, key = saved_checkpoint
+    data = torch.load(path, weights_only=False)
+    if edit is not None:
+        edit(data["callbacks"], key)
+    damaged = tmp_path / "damaged.ckpt"
+    torch.save(data, damaged)
+    module = CausalLMModule(tiny_llama(layers=2), learning_rate=1e-2)
+    cb = OptiShearCallback(method=method, sparsity=0.5, progress=False, **kwargs)
+    trainer(tmp_path, cb, max_steps=3).fit(module, datamodule=datamodule(), ckpt_path=damaged)
+    return cb
+
+
+def _flip_bits(callbacks, key):
+    entry = next(iter(callbacks[key]["masks"].values()))
+    entry["bits"] = entry["bits"] ^ 0b10000001
+
+
+def _all_kept(callbacks, key):
+    for entry in callbacks[key]["masks"].values():
+        entry["bits"] = torch.full_like(entry["bits"], 255)
+
+
+def _drop_one(callbacks, key):
+    masks = callbacks[key]["masks"]
+    masks.pop(next(iter(masks)))
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (_flip_bits, "recorded|not zero"),
+        (_all_kept, "prunes 0.0000 of its weights"),
+        (_drop_one, "has no mask for"),
+        (lambda c, k: c[k]["config"].update(sparsity="abc"), "not a number"),
+        (lambda c, k: c[k].pop("config"), "no valid config"),
+        (lambda c, k: c[k].update(search_result={"ratios": "x"}), "search_result is malformed"),
+    ],
+)
+def test_damaged_checkpoint_state_is_a_clear_error(tmp_path, saved_checkpoint, edit, match):
+    with pytest.raises(ValueError, match=match):
+        resume_from(tmp_path, saved_checkpoint, edit)
+
+
+def test_resume_with_another_method_says_the_old_masks_are_kept(tmp_path, saved_checkpoint, caplog):
+    with caplog.at_level("INFO"):
+        cb = resume_from(tmp_path, saved_checkpoint, method="ria")
+    assert "pruned with 'wanda'" in caplog.text and "method='ria' is not applied" in caplog.text
+    assert cb.masks.violations() == 0
+
+
+def test_checkpoint_without_callback_state_warns_loudly(tmp_path, saved_checkpoint):
+    with pytest.warns(UserWarning, match="holds no OptiShearCallback state"):
+        resume_from(tmp_path, saved_checkpoint, lambda c, k: c.pop(k))

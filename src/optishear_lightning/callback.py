@@ -223,6 +223,13 @@ class OptiShearCallback(Callback):
             self._resume(pl_module, self._restored)
             self._restored = None
         elif self.masks is None:
+            if trainer.ckpt_path is not None:
+                rank_zero_warn(
+                    f"OptiShear: the checkpoint {trainer.ckpt_path} holds no OptiShearCallback "
+                    "state, so its weights (perhaps already fine-tuned) are pruned again from "
+                    "scratch. Resume from a checkpoint written with this callback to keep its "
+                    "masks."
+                )
             self.prune_now(trainer, pl_module)
         self.masks.sync_devices()
         self.masks.apply_()
@@ -275,6 +282,9 @@ class OptiShearCallback(Callback):
             "masks": self.masks.packed(),
             "search_result": self.found.to_dict() if self.found is not None else None,
             "summary": self.summary,
+            # What resuming checks the masks against (flipped bits, dropped entries).
+            "layer_sparsity": self.masks.layer_sparsity(),
+            "keep_masks": self.keep_masks,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -282,7 +292,7 @@ class OptiShearCallback(Callback):
             return
         if state_dict.get("version") != _STATE_VERSION or "masks" not in state_dict:
             raise ValueError("The checkpoint's OptiShearCallback state is from another version.")
-        saved = state_dict["config"]
+        saved = _checked_config(state_dict.get("config"))
         mine = self._config()
         if saved["pattern"] != mine["pattern"] or not math.isclose(
             saved["sparsity"], mine["sparsity"], abs_tol=1e-9
@@ -297,10 +307,25 @@ class OptiShearCallback(Callback):
     def _resume(self, pl_module: LightningModule, state: dict[str, Any]) -> None:
         from .search import SearchResult
 
-        self.masks = SparseMasks.from_packed(pl_module, state["masks"])
+        masks = SparseMasks.from_packed(pl_module, state["masks"])
+        model, prefix = self._find_model(pl_module)
+        _check_resumed_masks(masks, model, prefix, state)
         data = state.get("search_result")
-        self.found = SearchResult.from_dict(data) if data else None
+        try:
+            self.found = SearchResult.from_dict(data) if data else None
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"The checkpoint's OptiShearCallback search_result is malformed ({err}); "
+                "resume from another checkpoint, or start a new run to prune again."
+            ) from None
+        self.masks = masks
         self.summary = dict(state.get("summary") or {})
+        saved_method = state["config"]["method"]
+        if saved_method != self.method:
+            rank_zero_info(
+                f"OptiShear: the checkpoint was pruned with {saved_method!r}; its masks are kept "
+                f"and method={self.method!r} is not applied (start a new run to prune with it)."
+            )
         rank_zero_info(
             f"OptiShear: resumed {len(self.masks.names)} masks from the checkpoint "
             f"(sparsity {self.masks.sparsity():.4f}); no new search."
@@ -553,3 +578,50 @@ class OptiShearCallback(Callback):
         model = pl_module.get_submodule(path)
         find_decoder_blocks(model)  # a clear error for a model without decoder blocks
         return model, f"{path}."
+
+
+def _checked_config(config: Any) -> dict[str, Any]:
+    """The checkpoint's callback config, or a clear error naming what is wrong with it."""
+    fix = "resume from another checkpoint, or start a new run (without ckpt_path)"
+    if not isinstance(config, dict) or not {"method", "sparsity", "pattern"} <= set(config):
+        raise ValueError(f"The checkpoint's OptiShearCallback state has no valid config; {fix}.")
+    try:
+        sparsity = float(config["sparsity"])
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"The checkpoint's OptiShearCallback config has sparsity {config['sparsity']!r}, "
+            f"not a number; {fix}."
+        ) from None
+    return dict(config) | {"sparsity": sparsity}
+
+
+def _check_resumed_masks(
+    masks: SparseMasks, model: nn.Module, prefix: str, state: dict[str, Any]
+) -> None:
+    """Refuse masks that do not match what was saved: a missing layer, flipped bits, or
+    weights that are not zero where a mask prunes (while masks were being kept)."""
+    from .models import named_prunable_linears
+
+    expected = {f"{prefix}{name}.weight" for name in named_prunable_linears(model)}
+    missing = sorted(expected - set(masks.names))
+    fix = "the checkpoint is corrupted; resume from another one or start a new run"
+    if missing:
+        raise ValueError(
+            f"The checkpoint has no mask for {missing[:3]}{' ...' if len(missing) > 3 else ''}; "
+            f"that layer would train dense while the run reports it pruned: {fix}."
+        )
+    saved = state.get("layer_sparsity")
+    if isinstance(saved, dict):
+        for name, value in masks.layer_sparsity().items():
+            if name in saved and abs(value - float(saved[name])) > 1e-6:
+                raise ValueError(
+                    f"The mask of {name} prunes {value:.4f} of its weights, the checkpoint "
+                    f"recorded {float(saved[name]):.4f}: {fix}."
+                )
+    if state.get("keep_masks", True):
+        violations = masks.violations()
+        if violations:
+            raise ValueError(
+                f"{violations} weights that the checkpoint's masks prune are not zero: the "
+                f"masks do not belong to these weights; {fix}."
+            )

@@ -125,6 +125,10 @@ class SparseMasks:
         kept = sum(int(m.sum().item()) for m in self._keep.values())
         return 1.0 - kept / max(total, 1)
 
+    def layer_sparsity(self) -> dict[str, float]:
+        """Fraction of masked-out entries of each parameter, by name."""
+        return {name: 1.0 - float(m.float().mean()) for name, m in self._keep.items()}
+
     def violations(self) -> int:
         """How many masked-out weights are not exactly zero (0 while the guarantee holds)."""
         return sum(

@@ -218,7 +218,7 @@ def check_token_ids(batches: Sequence[torch.Tensor], model: nn.Module) -> None:
     if not batches:
         return
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    longest = max(b.shape[1] for b in batches)
+    longest = max(b.shape[-1] for b in batches)
     if isinstance(limit, int) and longest > limit:
         raise ValueError(
             f"Calibration windows of {longest} tokens are longer than the model's "
