@@ -451,10 +451,24 @@ def test_corrupted_state_is_refused(tmp_path, monkeypatch):
     state.write_text(json.dumps({"format_version": 1, "kind": "search_result"}))
     with pytest.raises(ValueError, match="not a search state"):
         search(state_path=state, budget=10)
+    good = json.loads(text)
+    for damage, match in [
+        (lambda h: h[0].update(proxy="abc"), "proxy is 'abc', not a number"),
+        (lambda h: next(e for e in h if e["kind"] == "ratios").pop("error"), "without"),
+        (lambda h: h.append(["not", "a", "record"]), "not an evaluation record"),
+    ]:
+        data = json.loads(json.dumps(good))
+        damage(data["history"])
+        state.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=f"{state}.*corrupted.*{match}"):
+            search(state_path=state, budget=10)
+    with pytest.raises(ValueError, match="is a directory"):
+        search(state_path=tmp_path, budget=10)
 
 
 def test_state_round_trip(tmp_path):
-    state = SearchState({"a": [1, 2], "b": None}, [{"kind": "x", "error": 0.25}])
+    entry = {"kind": "metric_proxy", "metric": WANDA.to_dict(), "proxy": 0.25}
+    state = SearchState({"a": [1, 2], "b": None}, [entry])
     path = tmp_path / "s.json"
     state.save(path)
     loaded = SearchState.load_or_new(path, {"b": None, "a": [1, 2]})

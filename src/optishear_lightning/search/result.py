@@ -289,11 +289,23 @@ class SearchState:
     @classmethod
     def load_or_new(cls, path: str | os.PathLike | None, fingerprint: dict) -> SearchState:
         """Resume from ``path`` if it exists (checking it is the same search), else start."""
+        if path is not None and Path(path).is_dir():
+            raise ValueError(
+                f"state_path {path} is a directory; give a file path inside it, e.g. "
+                f"{Path(path) / 'search_state.json'}."
+            )
         if path is None or not Path(path).exists():
             return cls(fingerprint)
         data = _read_json(path, "Search state")
         if data.get("kind") != "search_state" or not isinstance(data.get("history"), list):
             raise ValueError(f"{path} is not a search state file; delete it and run again.")
+        for i, entry in enumerate(data["history"]):
+            problem = _history_problem(entry)
+            if problem:
+                raise ValueError(
+                    f"Search state {path} is corrupted (history entry {i}: {problem}); delete "
+                    "it to start over, or restore a good copy."
+                )
         saved = json.loads(json.dumps(data.get("fingerprint")))
         wanted = json.loads(json.dumps(fingerprint))
         if saved != wanted:
@@ -305,3 +317,27 @@ class SearchState:
                 "use another state path or delete it to start over."
             )
         return cls(fingerprint, data["history"])
+
+
+# What each kind of history entry must hold, and which of its values are numbers.
+_ENTRY_FIELDS = {
+    "metric_proxy": ("metric", "proxy"),
+    "metric": ("metric", "ratios", "error", "sparsity_gap"),
+    "ratios": ("metric", "ratios", "error", "sparsity_gap"),
+    "finalist": ("method", "ratios", "objective", "validation", "sparsity_gap"),
+}
+_NUMBERS = ("proxy", "error", "sparsity_gap", "objective", "validation")
+
+
+def _history_problem(entry: Any) -> str | None:
+    """What is wrong with one history entry of a state file (``None`` if nothing)."""
+    if not isinstance(entry, dict) or entry.get("kind") not in _ENTRY_FIELDS:
+        return "not an evaluation record"
+    missing = [k for k in _ENTRY_FIELDS[entry["kind"]] if k not in entry]
+    if missing:
+        return f"{entry['kind']} record without {missing}"
+    for key in _NUMBERS:
+        value = entry.get(key)
+        if key in entry and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"{key} is {value!r}, not a number"
+    return None
