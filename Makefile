@@ -21,11 +21,15 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 DEMO := $(VENV)/bin/optishear prune --config examples/configs/wanda_smollm2.yaml
+# The example configs name data as a user with network access would (c4, wikitext2); here the
+# offline copies in the shared data stand in for them.
+OFFLINE_DATA := --data.calibration_data $(SHARED)/c4/c4-train.00000-of-01024.head1041.jsonl \
+	--data.val_data $(SHARED)/wikitext2/wiki.test.raw --data.test_data $(SHARED)/wikitext2/wiki.test.raw
 
 # Without the shared data beside the repo: calibrate on text the model samples itself and
 # skip perplexity (no network needed either way).
 demo: setup
-	@if [ -d $(SHARED) ]; then $(DEMO); else $(DEMO) --data.calibration_data self \
+	@if [ -d $(SHARED) ]; then $(DEMO) $(OFFLINE_DATA); else $(DEMO) --data.calibration_data self \
 		--data.val_data null --data.test_data null --optishear.calibration_samples 32 \
 		--optishear.calibration_seq_len 512; fi
 

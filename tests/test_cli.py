@@ -13,7 +13,7 @@ import torch
 from optishear_lightning.callback import SEARCH_FILE
 from optishear_lightning.cli import OptiShearCLI
 
-from .conftest import REPO_ROOT, requires_shared_data, requires_smollm2
+from .conftest import REPO_ROOT, SHARED_DATA, requires_shared_data, requires_smollm2
 
 CONFIGS = REPO_ROOT / "examples" / "configs"
 
@@ -73,8 +73,20 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
     ]
 
 
+def offline_data(config: str) -> list[str]:
+    """The example configs name data as a user with network would (c4, wikitext2); tests use
+    the offline copies in the shared data instead."""
+    c4 = str(SHARED_DATA / "c4" / "c4-train.00000-of-01024.head1041.jsonl")
+    wiki = str(SHARED_DATA / "wikitext2" / "wiki.test.raw")
+    text = (CONFIGS / config).read_text()
+    swaps = {"calibration_data": c4, "train_data": c4, "val_data": wiki, "test_data": wiki}
+    return [a for k, v in swaps.items() if f"{k}: " in text and f"{k}: null" not in text
+            for a in (f"--data.{k}", v)]  # fmt: skip
+
+
 def run_cli(subcommand: str, config: str, tmp_path: Path, *extra: str) -> OptiShearCLI:
-    args = [subcommand, "--config", str(CONFIGS / config), *tiny_overrides(tmp_path), *extra]
+    args = [subcommand, "--config", str(CONFIGS / config), *offline_data(config),
+            *tiny_overrides(tmp_path), *extra]  # fmt: skip
     return OptiShearCLI(args=args)
 
 

@@ -367,3 +367,16 @@ def test_few_long_documents_warn(tokenizer):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         calibration_windows(many, tokenizer, n_samples=8, seq_len=32, seed=0)
+
+
+def test_unreachable_hub_dataset_says_how_to_use_a_local_file(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    from optishear_lightning.data import _load_c4
+
+    with pytest.raises(RuntimeError, match=r"allenai/c4.*local copy.*\.jsonl"):
+        _load_c4("train", "en/c4-train.00000-of-01024.json.gz")

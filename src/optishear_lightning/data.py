@@ -650,28 +650,34 @@ def _read_parquet(path: Path, text_field: str, limit: int | None) -> list[str]:
     return docs
 
 
-def _load_c4(split: str, data_file: str) -> Any:
+def _from_hub(repo: str, *args: Any, **kwargs: Any) -> Any:
+    """``datasets.load_dataset`` with an error that says how to work without the Hub."""
     from datasets import load_dataset  # imported lazily: only the Hub sources need it
 
+    try:
+        return load_dataset(repo, *args, **kwargs)
+    except Exception as err:
+        raise RuntimeError(
+            f"Could not load {repo!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
+            "Without network access, point at a local copy instead: the path of "
+            f"{_ACCEPTED_FILES} (for example calibration_data: /data/c4-train.00000-of-01024.jsonl "
+            "or val_data: /data/wikitext-2-raw/wiki.test.raw)."
+        ) from err
+
+
+def _load_c4(split: str, data_file: str) -> Any:
     # Wanda also passes the config name "allenai--c4", which current `datasets` rejects; the data
     # file alone selects the same shard.
-    return load_dataset(_C4_REPO, data_files={split: data_file}, split=split)
+    return _from_hub(_C4_REPO, data_files={split: data_file}, split=split)
 
 
 def _hf_texts(name: str, split: str) -> list[str]:
     """The text rows of WikiText-2 (raw) or PTB (text only) from the Hub."""
-    from datasets import load_dataset
-
     if name == "wikitext2":
-        return list(load_dataset(_WIKITEXT_REPO, _WIKITEXT_CONFIG, split=split)["text"])
-    try:
-        dataset = load_dataset(_PTB_REPO, _PTB_CONFIG, split=split)
-    except Exception as err:  # the Hub copy is script-based, which newer `datasets` refuse
-        raise RuntimeError(
-            f"Could not load {_PTB_REPO!r} from the Hub ({err}); pass a local copy instead, e.g. "
-            "the Mikolov ptb.test.txt file."
-        ) from err
-    return list(dataset["sentence"])
+        return list(_from_hub(_WIKITEXT_REPO, _WIKITEXT_CONFIG, split=split)["text"])
+    # The Hub copy of PTB is script-based, which newer `datasets` refuse: the error says to
+    # pass a local copy (the Mikolov ptb.test.txt file).
+    return list(_from_hub(_PTB_REPO, _PTB_CONFIG, split=split)["sentence"])
 
 
 # --------------------------------------------------------------------------------------------
