@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -177,8 +178,19 @@ def fidelity(b: Bench, setting: str, found: Any) -> None:
           reconstruct=found.reconstruct)  # fmt: skip
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def render(report: dict[str, Any]) -> str:
     lines = [f"# Search quality: {report['model']}", "", f"- Machine: {report['machine']}",
+             f"- Status: {report.get('status', 'complete')}",
              f"- Date: {report['date']}", f"- Command: `{report['command']}`", "",
              "| setting | method | ppl | sparsity | zero-shot | search s | chosen by |",
              "|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
@@ -208,9 +220,9 @@ def main() -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     b = Bench(args)
-    machine = f"{platform.node()} {platform.processor()}"
+    machine = f"{_cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
     if args.device.startswith("cuda"):
-        machine = f"{torch.cuda.get_device_name()} ({machine})"
+        machine = f"{torch.cuda.get_device_name()}; {machine}"
     report = {"model": args.model, "machine": machine, "rows": b.rows,
               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
               "command": "python benchmarks/bench_search_quality.py " + " ".join(

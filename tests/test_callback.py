@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -450,3 +451,16 @@ def test_resume_with_another_method_says_the_old_masks_are_kept(tmp_path, saved_
 def test_checkpoint_without_callback_state_warns_loudly(tmp_path, saved_checkpoint):
     with pytest.warns(UserWarning, match="holds no OptiShearCallback state"):
         resume_from(tmp_path, saved_checkpoint, lambda c, k: c.pop(k))
+
+
+def test_export_dir_that_can_never_be_created_fails_in_init(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PermissionError, match="not a writable directory"):
+        OptiShearCallback(export_dir=str(blocker / "model"))
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: Path(p) != readonly and real_access(p, m))
+    with pytest.raises(PermissionError, match=str(readonly)):
+        OptiShearCallback(export_dir=str(readonly / "deeper" / "model"))

@@ -199,3 +199,14 @@ def test_prune_then_finetune_config_keeps_masks_and_resumes(tmp_path, monkeypatc
     assert cb2.summary == callback.summary  # restored from the checkpoint, not re-pruned
     assert all(torch.equal(cb2.masks.keep_mask(n), m) for n, m in masks.items())
     assert cb2.masks.violations() == 0
+
+
+def test_missing_calibration_file_fails_before_the_model_loads(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "optishear_lightning.cli", "prune",
+         "--data.calibration_data", str(tmp_path / "missing.jsonl"),
+         "--model.model", str(tmp_path / "no_model_here")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "missing.jsonl" in proc.stderr and "no_model_here" not in proc.stderr

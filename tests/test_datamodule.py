@@ -76,3 +76,10 @@ def test_local_files_follow_the_literature_protocol():
     assert train.shape == (4, 64) and not torch.equal(train[:3], dm.split("calibration"))
     expected = evaluation_tokens(wiki, tok, seq_len=64)[: 5 * 64].reshape(5, 64)
     assert torch.equal(dm.split("val"), expected)
+
+
+def test_missing_data_files_fail_when_the_datamodule_is_built(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data\.calibration_data"):
+        TextDataModule(tokenizer=None, calibration_data=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match=r"data\.val_data"):
+        TextDataModule(tokenizer=None, val_data="not a known source")

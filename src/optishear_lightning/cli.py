@@ -125,7 +125,11 @@ class OptiShearCLI(LightningCLI):
         # LightningCLI builds the model (a slow load) before the callbacks: check the
         # callback's settings first so a typo fails in a second, before anything is loaded.
         config = self.config[self.subcommand] if self.subcommand else self.config
-        OptiShearCallback(**dict(config["optishear"]))
+        OptiShearCallback(**config["optishear"].as_dict())
+        if self.datamodule_class is TextDataModule and config.get("data") is not None:
+            # Its sources are checked in __init__ (a missing file, an unknown name), and the
+            # tokenizer loads lazily: cheap to build now, before the model loads.
+            TextDataModule(**(config["data"].as_dict() | {"tokenizer": None}))
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(OptiShearCallback, "optishear")

@@ -47,6 +47,7 @@ __all__ = [
     "EVALUATION_SOURCES",
     "STREAM_SUFFIXES",
     "calibration_windows",
+    "check_source",
     "evaluation_tokens",
 ]
 
@@ -532,6 +533,20 @@ def _document_text(docs: Sequence[str], index: int) -> str:
     if not isinstance(text, str):
         raise TypeError(f"Document {index} is a {type(text).__name__}, not a string.")
     return text
+
+
+def check_source(source: Any, role: str = "calibration") -> None:
+    """Fail now, before any model loads, if a text source can never be read.
+
+    Token tensors and ``None`` pass; a name must be one of the ``role``'s sources
+    (``"calibration"``: :data:`CALIBRATION_SOURCES`, ``"evaluation"``: :data:`EVALUATION_SOURCES`)
+    and a path must be an existing file of a supported type.
+    """
+    if source is None or isinstance(source, torch.Tensor):
+        return
+    if isinstance(source, (str, os.PathLike)):
+        names = CALIBRATION_SOURCES if role == "calibration" else EVALUATION_SOURCES
+        _resolve(source, names, mention_text=role == "evaluation")
 
 
 def _resolve(

@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from .data import calibration_windows, evaluation_tokens
+from .data import calibration_windows, check_source, evaluation_tokens
 from .models import load_tokenizer
 
 __all__ = ["TextDataModule"]
@@ -94,6 +94,16 @@ class TextDataModule(LightningDataModule):
         for name, value in (("val_windows", val_windows), ("test_windows", test_windows)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be None (all windows) or >= 1, got {value}.")
+        for name, value, role in (
+            ("train_data", train_data, "calibration"),
+            ("calibration_data", calibration_data, "calibration"),
+            ("val_data", val_data, "evaluation"),
+            ("test_data", test_data, "evaluation"),
+        ):
+            try:
+                check_source(value, role)
+            except (ValueError, FileNotFoundError) as err:
+                raise type(err)(f"data.{name}: {err}") from None
         self.save_hyperparameters(
             ignore=[n for n in ("tokenizer",) if not isinstance(tokenizer, (str, type(None)))]
         )

@@ -14,7 +14,9 @@ from optishear_lightning.search import SearchConfig
 def test_defaults_are_many_short_objective_windows_and_held_out_validation():
     cfg = SearchConfig()
     assert (cfg.objective, cfg.objective_samples, cfg.objective_seq_len) == ("kl", 64, 512)
-    assert cfg.validation_samples == 64 and cfg.baselines == ["wanda", "ria"]
+    assert cfg.validation_samples == 64 and cfg.baseline_methods() == ["wanda", "ria"]
+    assert cfg.replace(reconstruct="obs").baseline_methods() == ["wanda", "ria", "sparsegpt"]
+    assert cfg.replace(baselines=[]).baseline_methods() == []
     assert cfg.ratio_candidates(0.5) == [0.45, 0.5, 0.55]
 
 

@@ -9,7 +9,7 @@ so a setting has one name, one default and one check.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..metrics import METHODS
@@ -47,7 +47,9 @@ class SearchConfig:
         finalists: best search candidates (distinct metric/ratio pairs) that are really pruned
             (sequentially, as the final prune is) and scored on the validation windows.
         baselines: fixed methods pruned and validated beside the finalists (uniform ratios);
-            if one of them wins, the search returns it and says so.
+            if one of them wins, the search returns it and says so. ``None`` (default): Wanda
+            and RIA, plus SparseGPT when ``reconstruct`` is set (its mask is chosen with error
+            compensation, the strongest mask to reconstruct on; on SmolLM2 2:4 it won).
         reconstruct: weight reconstruction of every finalist and of the final prune
             (``None``, ``"obs"`` or ``"lsq"``; see :mod:`optishear_lightning.reconstruction`),
             so the metric chosen is the best one *after* the update.
@@ -73,7 +75,7 @@ class SearchConfig:
     objective_seq_len: int = 512
     validation_samples: int = 64
     finalists: int = 3
-    baselines: list[str] = field(default_factory=lambda: ["wanda", "ria"])
+    baselines: list[str] | None = None
     reconstruct: str | None = None
     tolerance: float = 0.001
     seed: int = 0
@@ -104,12 +106,19 @@ class SearchConfig:
             if value is not None and value < 1:
                 raise ValueError(f"SearchConfig.{name} must be None (all) or >= 1, got {value}.")
         self.reconstruct = check_reconstruction(self.reconstruct)
-        self.baselines = [str(b).lower() for b in self.baselines]
-        unknown = [b for b in self.baselines if b not in METHODS]
+        if self.baselines is not None:
+            self.baselines = [str(b).lower() for b in self.baselines]
+        unknown = [b for b in self.baseline_methods() if b not in METHODS]
         if unknown:
             raise ValueError(
                 f"Unknown baseline methods {unknown}; choose from {sorted(METHODS)} (or [])."
             )
+
+    def baseline_methods(self) -> list[str]:
+        """The baselines validated beside the finalists (``baselines``, or its default)."""
+        if self.baselines is not None:
+            return list(self.baselines)
+        return ["wanda", "ria"] + (["sparsegpt"] if self.reconstruct else [])
 
     def ratio_candidates(self, target: float) -> list[float]:
         """The ratio values each block may take for ``target`` (checked: in [0, 1), reaching

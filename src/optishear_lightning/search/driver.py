@@ -344,7 +344,7 @@ class _Search:
         for h in evaluated[: self.cfg.finalists]:
             add(MetaMetric.from_dict(h["metric"]), list(h["ratios"]), "search")
         add(self.chosen, list(self.uniform), "search")
-        for name in self.cfg.baselines:
+        for name in self.cfg.baseline_methods():
             add(get_method(name), list(self.uniform), "baseline")
         return picks
 
