@@ -202,7 +202,8 @@ def render(report: dict[str, Any]) -> str:
             f"{t.get('evaluations_per_s', 0):.2f}/s); search wall time {s['search_seconds']:.1f}s"
             f" (calibration {t.get('calibration_s', 0):.1f}s,"
             f" metric {t.get('metric_screen_s', 0) + t.get('metric_decide_s', 0):.1f}s,"
-            f" ratios {t.get('ratio_search_s', 0):.1f}s, finalists {t.get('validation_s', 0):.1f}s)."
+            f" ratios {t.get('ratio_search_s', 0):.1f}s,"
+            f" finalists {t.get('validation_s', 0):.1f}s)."
         )
         lines.append(f"  ratios: {' '.join(f'{r:.2f}' for r in s['ratios'])}")
     if report["zeroshot"]:
