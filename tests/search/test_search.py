@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -625,3 +627,15 @@ def test_device_names_match_loosely():
     assert _same_device(torch.device("cpu"), "cpu")
     assert not _same_device(torch.device("cuda", 1), "cuda:0")
     assert not _same_device(torch.device("cpu"), "cuda")
+
+
+def test_result_and_state_files_follow_the_umask(result, tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = result.save(tmp_path / "result.json")
+        SearchState({"a": 1}).save(tmp_path / "state.json")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "state.json").stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json", "state.json"]

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
+import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,12 +43,16 @@ FORMAT_VERSION = 1
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to ``path`` via a temporary file in the same directory and a rename."""
+    """Write JSON to ``path`` via a temporary file in the same directory and a rename.
+
+    The temporary file is opened exclusively under a random name rather than with ``mkstemp``,
+    which would make every result and state file ``-rw-------`` whatever the umask.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
-        with os.fdopen(fd, "w") as fh:
+        with open(tmp, "x") as fh:
             json.dump(data, fh, indent=1)
         os.replace(tmp, path)
     except BaseException:
