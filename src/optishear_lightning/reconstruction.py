@@ -83,8 +83,8 @@ def _masked_lsq(
     z = r * inv_diag
     p = z.clone()
     rz = (r * z).sum(1, keepdim=True)
-    stop = rtol**2 * (b * b).sum(1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
     tiny = torch.finfo(w.dtype).tiny
+    stop = rtol**2 * (b * b).sum(1, keepdim=True).clamp_min(tiny)
     for _ in range(iters):
         Ap = (p @ H) * m
         alpha = rz / (p * Ap).sum(1, keepdim=True).clamp_min(tiny)

@@ -37,7 +37,13 @@ from torch import nn
 from ..masks import parse_pattern, validate_sparsity
 from ..metrics import PruningMethod, get_method
 from ..models import find_decoder_blocks
-from ..pruning import PruneResult, as_calibration_batches, check_token_ids, prune
+from ..pruning import (
+    PruneResult,
+    as_calibration_batches,
+    check_token_ids,
+    prune,
+    resolve_block_sparsities,
+)
 from .config import SearchConfig
 from .context import SearchContext
 from .ratios import non_dominated, run_nsga3, select_solution
@@ -140,15 +146,12 @@ class _Search:
 
     def __init__(self, model, calibration, sparsity, pattern, group, cfg, batch_size, device):
         self.pat = parse_pattern(pattern)
-        if self.pat.is_nm:
-            if sparsity is not None and abs(float(sparsity) - self.pat.sparsity) > 1e-9:
-                raise ValueError(
-                    f"The {self.pat} pattern fixes sparsity at {self.pat.sparsity:g}; leave "
-                    "sparsity unset (None) for N:M patterns."
-                )
-            self.target = self.pat.sparsity
-        else:
-            self.target = validate_sparsity(sparsity, "target sparsity")
+        # N:M: the engine's own check (sparsity unset or the implied value) gives the target.
+        self.target = (
+            resolve_block_sparsities(sparsity, 1, str(self.pat))[0]
+            if self.pat.is_nm
+            else validate_sparsity(sparsity, "target sparsity")
+        )
         if group not in ("row", "layer"):
             raise ValueError(f"Unknown comparison group {group!r}: use 'row' or 'layer'.")
         self.model, self.group, self.cfg, self.batch_size = model, group, cfg, batch_size
