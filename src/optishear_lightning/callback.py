@@ -21,7 +21,6 @@ Thin glue over the engine (:func:`~optishear_lightning.pruning.prune`) and the s
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -171,7 +170,6 @@ class OptiShearCallback(Callback):
             )
         if export_dir is not None:
             check_output_dir(export_dir, overwrite_export)
-            _check_writable_parent(Path(export_dir))
 
         self.method = method
         self.sparsity = float(sparsity)
@@ -627,15 +625,3 @@ def _check_resumed_masks(
                 f"{violations} weights that the checkpoint's masks prune are not zero: the "
                 f"masks do not belong to these weights; {fix}."
             )
-
-
-def _check_writable_parent(path: Path) -> None:
-    """Fail in ``__init__``, not after training, if ``path`` could never be created."""
-    ancestor = path.absolute().parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise PermissionError(
-            f"export_dir {path} cannot be created: {ancestor} is not a writable directory. "
-            "Choose an export_dir in a directory you can write to."
-        )

@@ -444,7 +444,20 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
                 "file), so overwrite=True will not delete it. Choose a new path, or remove "
                 "the directory yourself if its contents can go."
             )
+    _check_writable_parent(out)
     return out
+
+
+def _check_writable_parent(path: Path) -> None:
+    """Fail before any work, not after it, if ``path`` could never be created."""
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"Output directory {path} cannot be created: {ancestor} is not a writable "
+            "directory. Choose a path in a directory you can write to."
+        )
 
 
 def _new_sibling_dir(out: Path, tag: str) -> Path:
