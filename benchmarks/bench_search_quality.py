@@ -8,6 +8,8 @@ set and one evaluation text:
 - OptiShear mask-only with the default :class:`SearchConfig` (its state file is kept), then the
   same search with ``reconstruct=...`` (only its finalist phase runs again: the state file
   holds everything before it);
+- for N:M settings, with ``--permute-methods`` / ``--search-permute``, the same with the input
+  channels permuted before N:M selection (``permute=True``, labelled ``+perm``);
 - the objective's fidelity: every finalist of the mask-only search is pruned again and its
   WikiText-2 perplexity measured; Spearman's rho between the finalists' objective (and
   validation) values and their perplexities;
@@ -51,6 +53,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--zs-limit", type=int, default=None, help="examples per zero-shot task")
     p.add_argument("--zs-settings", nargs="*", default=["0.5"])
     p.add_argument("--settings", nargs="+", default=["0.5"])
+    p.add_argument("--fixed", nargs="*", default=["wanda", "ria", "sparsegpt"])
+    p.add_argument("--permute-methods", nargs="*", default=[], help="N:M: fixed methods + perm")
+    p.add_argument("--search-permute", action="store_true", help="N:M: also search with perm")
+    p.add_argument("--skip-search", action="store_true", help="fixed methods only")
     p.add_argument("--fidelity", nargs="*", default=["0.5"], help="settings to measure rho on")
     p.add_argument("--reconstruct", nargs="*", default=["lsq", "obs"], help="for fixed methods")
     p.add_argument("--recon-methods", nargs="*", default=["wanda", "sparsegpt"])
@@ -123,19 +129,25 @@ def sparsity_args(setting: str) -> tuple[float | None, str]:
     return float(setting), "unstructured"
 
 
-def run_fixed(b: Bench, setting: str, method: str, reconstruct: str | None = None) -> None:
+def run_fixed(
+    b: Bench, setting: str, method: str, reconstruct: str | None = None, permute: bool = False
+) -> None:
     sparsity, pattern = sparsity_args(setting)
     b.reset()
     res = prune(b.model, b.calib, method, sparsity, pattern, batch_size=b.args.batch_size,
-                reconstruct=reconstruct, keep_masks=False)  # fmt: skip
+                reconstruct=reconstruct, keep_masks=False, permute=permute)  # fmt: skip
     zs = b.zero_shot() if setting in b.args.zs_settings and method == "sparsegpt" else None
-    b.add(setting, res.method, ppl=b.ppl(), sparsity=res.overall_sparsity,
-          prune_s=res.seconds, zero_shot=zs)  # fmt: skip
+    b.add(setting, res.method + ("+perm" if permute else ""), ppl=b.ppl(),
+          sparsity=res.overall_sparsity, prune_s=res.seconds, zero_shot=zs)  # fmt: skip
 
 
-def run_search(b: Bench, setting: str, reconstruct: str | None, state: Path) -> Any:
+def run_search(
+    b: Bench, setting: str, reconstruct: str | None, state: Path, permute: bool = False
+) -> Any:
     sparsity, pattern = sparsity_args(setting)
-    config = SearchConfig(**json.loads(b.args.search)).replace(reconstruct=reconstruct)
+    config = SearchConfig(**json.loads(b.args.search)).replace(
+        reconstruct=reconstruct, permute=permute
+    )
     if reconstruct:
         config = config.replace(baselines=b.args.recon_baselines)
     b.reset()
@@ -150,9 +162,9 @@ def run_search(b: Bench, setting: str, reconstruct: str | None, state: Path) -> 
     b.reset()
     ratios = None if ":" in setting else found.ratios
     res = prune(b.model, b.calib, found.metric, ratios, pattern, batch_size=b.args.batch_size,
-                reconstruct=reconstruct, keep_masks=False)  # fmt: skip
+                reconstruct=reconstruct, keep_masks=False, permute=permute)  # fmt: skip
     zs = b.zero_shot() if setting in b.args.zs_settings and reconstruct else None
-    label = "optishear" + (f"+{reconstruct}" if reconstruct else "")
+    label = "optishear" + (f"+{reconstruct}" if reconstruct else "") + ("+perm" if permute else "")
     b.add(setting, label, ppl=b.ppl(), sparsity=res.overall_sparsity, search_s=search_s,
           chosen_by=found.chosen_by, metric=describe(found.metric),
           uniform=len(set(found.ratios)) == 1, timing=found.timing,
@@ -237,16 +249,24 @@ def main() -> None:
 
     for setting in args.settings:
         parse_pattern(setting if ":" in setting else "unstructured")
-        for method in ("wanda", "ria", "sparsegpt"):
+        nm = ":" in setting
+        for method in args.fixed:
             run_fixed(b, setting, method)
+        for method in args.permute_methods if nm else []:
+            run_fixed(b, setting, method, permute=True)
         for recon in args.reconstruct:
             for method in args.recon_methods:
                 run_fixed(b, setting, method, recon)
         save()
+        if args.skip_search:
+            continue
         state = out / f"{args.tag}_state_{setting.replace(':', 'of')}.json"
         state.unlink(missing_ok=True)
         found = run_search(b, setting, None, state)
         save()
+        if nm and args.search_permute:
+            run_search(b, setting, None, state, permute=True)
+            save()
         for recon in args.search_reconstruct:
             run_search(b, setting, recon, state)
             save()

@@ -313,6 +313,8 @@ def test_calibration_falls_back_to_callback_loader_then_generated_text(tmp_path)
         (dict(reconstruct="admm"), "Unknown reconstruction"),
         (dict(reconstruct="obs", search=SearchConfig(reconstruct="lsq")), "set it once"),
         (dict(pattern="2:4", sparsity=0.7), "fixes sparsity"),
+        (dict(permute=True), "N:M"),
+        (dict(pattern="2:4", sparsity=None, search=SearchConfig(permute=True)), "set it once"),
         (dict(search=dict(budget=0)), "budget"),
         (dict(search=dict(objective="mse")), "Unknown search objective"),
         (dict(group="column"), "comparison group"),

@@ -69,6 +69,9 @@ class OptiShearCallback(Callback):
             ``||WX - ŴX||`` once its mask is fixed: ``"obs"`` or ``"lsq"`` (see
             :mod:`optishear_lightning.reconstruction`); with ``"optishear"`` the search's
             finalists are scored with it too.
+        permute: N:M only: permute input channels before N:M selection, folded into the
+            producing layers so the dense model is unchanged (see
+            :mod:`optishear_lightning.permutation`); with ``"optishear"`` the finalists too.
         calibration_samples: at most this many calibration sequences are used (``None`` =
             all the loader yields); also the number generated when no loader exists.
         calibration_seq_len: length of generated calibration text (loaders keep theirs).
@@ -106,6 +109,7 @@ class OptiShearCallback(Callback):
         search_result: str | None = None,
         search: SearchConfig | None = None,
         reconstruct: Reconstruction | None = None,
+        permute: bool = False,
         calibration_samples: int | None = 128,
         calibration_seq_len: int = 2048,
         calibration_batch_size: int = 8,
@@ -151,7 +155,16 @@ class OptiShearCallback(Callback):
                 f"reconstruct is set on the search ({search.reconstruct!r}) and on the callback "
                 f"({reconstruct!r}); set it once, as the callback's reconstruct."
             )
-        search = search.replace(reconstruct=reconstruct)
+        if permute and not pat.is_nm:
+            raise ValueError(
+                "permute arranges input channels for N:M groups; with an unstructured pattern "
+                "it has nothing to do: set pattern to '2:4' (or another N:M) or permute to false."
+            )
+        if search.permute and not permute:
+            raise ValueError(
+                "permute is set on the search; set it once, as the callback's permute."
+            )
+        search = search.replace(reconstruct=reconstruct, permute=bool(permute))
         searching = method == "optishear" and search_result is None
         if searching and search.search_ratios and not pat.is_nm:
             search.ratio_candidates(sparsity)  # fails now, not after the model has loaded
@@ -178,6 +191,7 @@ class OptiShearCallback(Callback):
         self.search_result = search_result
         self.search = search
         self.reconstruct = reconstruct
+        self.permute = bool(permute)
         self.calibration_samples = calibration_samples
         self.calibration_seq_len = calibration_seq_len
         self.calibration_batch_size = calibration_batch_size
@@ -398,6 +412,7 @@ class OptiShearCallback(Callback):
                 self.pattern,
                 self.group,
                 reconstruct=self.reconstruct,
+                permute=self.permute,
                 **common,
             )
         return result

@@ -67,6 +67,11 @@ class PruningMethod:
         """Prune ``weight`` in place and return its keep mask."""
         raise NotImplementedError
 
+    def channel_scores(self, weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
+        """Importance of each weight, used to arrange input channels before N:M selection
+        (:mod:`.permutation`). Methods without a score of their own use Wanda's."""
+        return wanda_score(weight.detach().float(), stats)
+
 
 class ScoreMethod(PruningMethod):
     """A method that only scores weights; the mask layout does the rest."""
@@ -78,6 +83,9 @@ class ScoreMethod(PruningMethod):
 
     def __repr__(self) -> str:
         return f"ScoreMethod({self.name!r})"
+
+    def channel_scores(self, weight, stats):
+        return self.score(weight.detach().float(), stats)
 
     def prune_(self, weight, stats, sparsity, pattern, group="row"):
         # On CUDA the fused Triton kernel scores, selects and masks in one pass (same masks).

@@ -7,18 +7,24 @@ Embeddings and the LM head live outside the blocks, so they are never pruned.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+from .permutation import ChannelCoupling
 
 __all__ = [
     "BUILTIN_MODELS",
     "DEFAULT_MODEL",
     "ModelSource",
+    "channel_couplings",
     "find_decoder_blocks",
     "find_prunable_linears",
     "load_model",
@@ -292,3 +298,51 @@ def named_prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
         for i, block in enumerate(blocks)
         for name, linear in find_prunable_linears(block).items()
     }
+
+
+# (consumer, producers) of each family whose producers' outputs reach the consumer's inputs
+# through elementwise operations only (an activation, a gate product).
+_MLP_COUPLINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj")),  # LLaMA, Mistral, Qwen2, Gemma
+    ("mlp.down_proj", ("mlp.gate_up_proj",)),  # Phi-3: gate and up stacked in one matrix
+    ("mlp.fc2", ("mlp.fc1",)),  # Phi
+    ("fc2", ("fc1",)),  # OPT
+    ("mlp.dense_4h_to_h", ("mlp.dense_h_to_4h",)),  # GPT-NeoX
+)
+# (output projection, value projection): attention mixes positions, not a head's channels.
+_ATTENTION_COUPLINGS: tuple[tuple[str, str], ...] = (
+    ("self_attn.o_proj", "self_attn.v_proj"),  # LLaMA, Mistral, Qwen2, Gemma
+    ("self_attn.out_proj", "self_attn.v_proj"),  # OPT
+    ("self_attn.dense", "self_attn.v_proj"),  # Phi
+)
+
+
+def channel_couplings(linears: dict[str, nn.Linear], config: object) -> list[ChannelCoupling]:
+    """The linears of one block whose input channels can be permuted without changing the
+    model, each with the linears whose outputs must follow (see :mod:`.permutation`).
+
+    Args:
+        linears: the block's linears, as :func:`find_prunable_linears` names them.
+        config: the model's config (head counts for the attention coupling).
+
+    Returns:
+        The couplings found; layers fed by the residual stream never appear.
+    """
+    found = []
+    for consumer, producers in _MLP_COUPLINGS:
+        if consumer in linears and all(p in linears for p in producers):
+            width = linears[consumer].in_features
+            if all(linears[p].out_features % width == 0 for p in producers):
+                found.append(ChannelCoupling(consumer, producers))
+                break
+    q_heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or q_heads
+    for consumer, value in _ATTENTION_COUPLINGS:
+        if consumer not in linears or value not in linears or not q_heads:
+            continue
+        head_dim, rest = divmod(linears[value].out_features, kv_heads)
+        fits = not rest and q_heads % kv_heads == 0
+        if fits and linears[consumer].in_features == q_heads * head_dim:
+            found.append(ChannelCoupling(consumer, (value,), (q_heads, kv_heads, head_dim)))
+        break
+    return found

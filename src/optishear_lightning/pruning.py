@@ -27,7 +27,8 @@ from .calibration import LayerStats, run_sequential
 from .kernels.fused import deferred_nan_checks
 from .masks import Group, check_pattern_fits, parse_pattern, validate_sparsity
 from .metrics import PruningMethod, get_method
-from .models import find_decoder_blocks, find_prunable_linears
+from .models import channel_couplings, find_decoder_blocks, find_prunable_linears
+from .permutation import permute_block_channels
 from .reconstruction import check_reconstruction, reconstruct_weight
 
 __all__ = [
@@ -263,6 +264,7 @@ def prune(
     atomic: bool = True,
     progress: bool = False,
     reconstruct: str | None = None,
+    permute: bool = False,
 ) -> PruneResult:
     """Prune a causal LM in place, block by block.
 
@@ -297,6 +299,11 @@ def prune(
             given mask) or ``"lsq"`` (the least-squares optimum for the mask); see
             :mod:`.reconstruction`. Works with every method and pattern (masks stay exact);
             needs calibration data, also for ``magnitude``.
+        permute: N:M only: before each block's masks are chosen, permute the input channels
+            of the layers that allow it (MLP down projection, attention output projection
+            within a head) so that the N:M groups keep more of the method's scores; the
+            permutation is folded into the producing layer, so the dense model computes the
+            same function and the mask stays a plain N:M mask (see :mod:`.permutation`).
 
     Returns:
         A :class:`PruneResult`.
@@ -317,6 +324,11 @@ def prune(
         raise ValueError(f"Unknown comparison group {group!r}: use 'row' or 'layer'.")
     if pat.is_nm and group != "row":
         raise ValueError("N:M patterns use their own groups; leave group='row'.")
+    if permute and not pat.is_nm:
+        raise ValueError(
+            "permute=True arranges input channels for N:M groups; with an unstructured "
+            "pattern it has nothing to do: set pattern='2:4' (or another N:M) or permute=False."
+        )
     blocks_name, blocks = find_decoder_blocks(model)
     ratios = resolve_block_sparsities(sparsity, len(blocks), str(pat))
     linears_per_block = [find_prunable_linears(b) for b in blocks]
@@ -359,20 +371,30 @@ def prune(
         n_calibration_samples=sum(b.shape[0] for b in batches),
         calibration_seq_len=batches[0].shape[1] if batches else 0,
     )
-    backups: dict[str, torch.Tensor] = {}
+    # (parameter, CPU copy) of everything a failed prune must restore.
+    backups: list[tuple[torch.Tensor, torch.Tensor]] = []
     params: dict[str, torch.Tensor] = {}
     started = time.perf_counter()
 
     def prune_block(index: int, block_name: str, block: nn.Module, stats: dict[str, LayerStats]):
+        linears = linears_per_block[index]
+        if atomic:
+            # Weights and biases: a permutation also moves the producers' biases.
+            backups.extend(
+                (p, p.detach().to("cpu", copy=True))
+                for lin in linears.values()
+                for p in lin.parameters()
+            )
+        if permute:
+            couplings = channel_couplings(linears, getattr(model, "config", None))
+            permute_block_channels(linears, couplings, stats, pm.channel_scores, pat.n, pat.m)
         kept: dict[str, torch.Tensor] = {}
         # One device sync per block, not per matrix: the kernels' NaN checks and the kept
         # fractions are read back together at the end.
         with deferred_nan_checks():
-            for name, lin in linears_per_block[index].items():
+            for name, lin in linears.items():
                 fqn = f"{block_name}.{name}.weight"
                 params[fqn] = lin.weight
-                if atomic:
-                    backups[fqn] = lin.weight.detach().to("cpu", copy=True)
                 dense = lin.weight.detach().clone() if reconstruct else None
                 keep = pm.prune_(lin.weight, stats.get(name), ratios[index], pat, group)
                 if reconstruct:
@@ -403,8 +425,8 @@ def prune(
                 for i, block in enumerate(blocks):
                     prune_block(i, f"{blocks_name}.{i}", block, {})
     except BaseException:
-        for fqn, original in backups.items():
-            params[fqn].data.copy_(original)
+        for param, original in backups:
+            param.data.copy_(original)
         raise
     backups.clear()
     total = sum(p.numel() for p in params.values())

@@ -32,6 +32,7 @@ def test_defaults_are_many_short_objective_windows_and_held_out_validation():
         ({"proxy_rows": 0}, "proxy_rows"),
         ({"reconstruct": "admm"}, "Unknown reconstruction"),
         ({"baselines": ["wanda", "oracle"]}, "Unknown baseline"),
+        ({"permute": "yes"}, "permute"),
     ],
 )
 def test_bad_settings_are_refused_where_they_enter(changes, match):
@@ -65,12 +66,13 @@ def test_cli_round_trip(tmp_path):
         [sys.executable, "-m", "optishear_lightning.cli", "prune",
          "--optishear.search.budget", "17", "--optishear.search.objective", "logit_frobenius",
          "--optishear.search.baselines", "[ria]", "--optishear.reconstruct", "lsq",
-         "--print_config"],
+         "--optishear.pattern", "2:4", "--optishear.sparsity", "null",
+         "--optishear.permute", "true", "--print_config"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = yaml.safe_load(proc.stdout)["optishear"]
-    assert printed["reconstruct"] == "lsq"
+    assert printed["reconstruct"] == "lsq" and printed["permute"] is True
     cfg = SearchConfig(**printed["search"])
     assert (cfg.budget, cfg.objective, cfg.baselines) == (17, "logit_frobenius", ["ria"])
     config = tmp_path / "config.yaml"

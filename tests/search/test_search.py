@@ -502,6 +502,7 @@ def _untouchable(*args, **kwargs):
         ({"metric_topk": 0}, "metric_topk"),
         ({"objective_samples": 0}, "objective_samples"),
         ({"calibration": torch.empty(0, 8, dtype=torch.long)}, "empty"),
+        ({"permute": True}, "N:M"),
     ],
 )
 def test_bad_input_fails_before_the_model_is_touched(kwargs, match, monkeypatch, tmp_path):
@@ -639,3 +640,22 @@ def test_result_and_state_files_follow_the_umask(result, tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "state.json").stat().st_mode) == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json", "state.json"]
+
+
+def test_nm_search_with_permutation_prunes_finalists_and_final_model_permuted():
+    m = model()
+    before = weights(m)
+    result = search(m, None, pattern="2:4", permute=True, baselines=["wanda"])
+    assert_unchanged(m, before)  # finalists were permuted and pruned, then restored
+    assert result.settings["permute"] is True
+    assert all(f["permute"] is True for f in result.finalists)
+    plain = model()
+    prune(plain, IDS, result.metric, None, "2:4")
+    pruned, _ = optishear_prune(m, IDS, pattern="2:4", search_result=result, progress=False)
+    params = dict(m.named_parameters())
+    for name, keep in pruned.masks.items():
+        assert (keep.reshape(keep.shape[0], -1, 4).sum(-1) == 2).all(), name
+        assert torch.equal(params[name] != 0, keep), name
+    # The down projections' columns moved: the permuted model differs from the plain prune.
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(params[down], dict(plain.named_parameters())[down])

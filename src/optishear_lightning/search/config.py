@@ -53,6 +53,8 @@ class SearchConfig:
         reconstruct: weight reconstruction of every finalist and of the final prune
             (``None``, ``"obs"`` or ``"lsq"``; see :mod:`optishear_lightning.reconstruction`),
             so the metric chosen is the best one *after* the update.
+        permute: N:M only: permute input channels before N:M selection in every finalist's
+            prune and in the final prune (see :mod:`optishear_lightning.permutation`).
         tolerance: allowed ``|target - achieved|`` global sparsity of the chosen ratios.
         seed: search seed (the search is deterministic for a fixed seed and machine).
 
@@ -77,6 +79,7 @@ class SearchConfig:
     finalists: int = 3
     baselines: list[str] | None = None
     reconstruct: str | None = None
+    permute: bool = False
     tolerance: float = 0.001
     seed: int = 0
 
@@ -106,6 +109,8 @@ class SearchConfig:
             if value is not None and value < 1:
                 raise ValueError(f"SearchConfig.{name} must be None (all) or >= 1, got {value}.")
         self.reconstruct = check_reconstruction(self.reconstruct)
+        if not isinstance(self.permute, bool):
+            raise ValueError(f"SearchConfig.permute must be true or false, got {self.permute!r}.")
         if self.baselines is not None:
             self.baselines = [str(b).lower() for b in self.baselines]
         unknown = [b for b in self.baseline_methods() if b not in METHODS]

@@ -155,6 +155,11 @@ class _Search:
         if group not in ("row", "layer"):
             raise ValueError(f"Unknown comparison group {group!r}: use 'row' or 'layer'.")
         self.model, self.group, self.cfg, self.batch_size = model, group, cfg, batch_size
+        if cfg.permute and not self.pat.is_nm:
+            raise ValueError(
+                "SearchConfig.permute arranges input channels for N:M groups; with an "
+                "unstructured pattern it has nothing to do: set permute=False or an N:M pattern."
+            )
         self.run_ratios = cfg.search_ratios and not self.pat.is_nm
         self.cand = cfg.ratio_candidates(self.target) if self.run_ratios else [self.target]
         home = {p.device for p in model.parameters()}
@@ -208,7 +213,7 @@ class _Search:
             "settings": {
                 k: v
                 for k, v in cfg.to_dict().items()
-                if k not in ("reconstruct", "finalists", "baselines")
+                if k not in ("reconstruct", "permute", "finalists", "baselines")
             }
             | {"budget": cfg.budget if self.run_ratios else 0},
         }
@@ -368,6 +373,7 @@ class _Search:
             "method": method_to_dict(method),
             "ratios": ratios,
             "reconstruct": self.cfg.reconstruct,
+            "permute": self.cfg.permute,
             "source": source,
         }
         hit = self.cache.get(json_key(entry))
@@ -385,6 +391,7 @@ class _Search:
             keep_masks=False,
             atomic=False,
             reconstruct=self.cfg.reconstruct,
+            permute=self.cfg.permute,
         )
         try:
             entry["objective"] = self.ctx.evaluate("objective")
@@ -517,6 +524,7 @@ def optishear_prune(
         device=device,
         progress=progress,
         reconstruct=found.reconstruct,
+        permute=bool(found.settings.get("permute", False)),
     )
     return result, found
 
@@ -528,6 +536,8 @@ def json_key(entry: dict) -> str:
         fields: tuple[str, ...] = ("kind", "metric")
     elif kind == "finalist":
         fields = ("kind", "method", "ratios", "reconstruct")
+        # Only when on, so that finalists saved before the setting existed keep their key.
+        fields += ("permute",) if entry.get("permute") else ()
     else:
         # A model-wise evaluation is identified by (metric, ratios) alone, so the uniform
         # ratios evaluated by the metric phase are not evaluated again by the ratio phase.

@@ -150,6 +150,10 @@ class MetaMetric(PruningMethod):
         w_part = (NORMALISERS[self.a](w) * TRANSFORMS[self.f1](w)).clamp(-big, big)
         return (w_part * self.x_part(stats, w.device)).clamp(-big, big)
 
+    def channel_scores(self, weight: Tensor, stats: LayerStats | None) -> Tensor:
+        """The metric's own scores arrange channels before N:M selection."""
+        return self.score(weight, stats)
+
     def x_part(self, stats: LayerStats, device: torch.device) -> Tensor:
         """The activation factor ``b(x) * F2(sqrt(x))``: float32, ``1 x in``, clamped finite.
 
