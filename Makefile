@@ -30,8 +30,8 @@ OFFLINE_DATA := --data.calibration_data $(SHARED)/c4/c4-train.00000-of-01024.hea
 # skip perplexity (no network needed either way).
 demo: setup
 	@if [ -d $(SHARED) ]; then $(DEMO) $(OFFLINE_DATA); else $(DEMO) --data.calibration_data self \
-		--data.val_data null --data.test_data null --optishear.calibration_samples 32 \
-		--optishear.calibration_seq_len 512; fi
+		--data.val_data null --data.test_data null --data.calibration_samples 32 \
+		--data.calibration_seq_len 512; fi
 
 test: setup
 	$(PY) -m ruff check src tests examples benchmarks

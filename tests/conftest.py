@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when the package's kernel
+# module is first imported, and any test module may import it during collection. Without a
+# GPU the kernels can only run in Triton's CPU interpreter, so set it before any of that.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -82,3 +89,39 @@ def smollm2_dir(tmp_path_factory):
     load_model("smollm2-135m").save_pretrained(out)
     load_tokenizer("smollm2-135m").save_pretrained(out)
     return out
+
+
+#: Ids of the special tokens of :func:`word_tokenizer`, the same as the tiny models' configs
+#: (``tests/test_models.py``): pad 0, BOS 1, EOS 2; ``<unk>`` is 3 and ``w4``..``w127`` follow.
+WORD_PAD, WORD_BOS, WORD_EOS = 0, 1, 2
+
+
+def word_tokenizer(bos: bool = True, adds_bos: bool = True, vocab: int = 128):
+    """An offline word-level tokenizer over ``w4 .. w{vocab-1}``, ids matching the tiny models.
+
+    Args:
+        bos: Define a BOS token (``<bos>``, id 1).
+        adds_bos: Put BOS in front of every encoded text, as LLaMA and Gemma tokenizers do.
+        vocab: Vocabulary size.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": WORD_PAD, "<bos>": WORD_BOS, "<eos>": WORD_EOS, "<unk>": 3}
+    words.update({f"w{k}": k for k in range(4, vocab)})
+    backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos and adds_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", WORD_BOS)]
+        )
+    special = {"bos_token": "<bos>"} if bos else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", **special
+    )
+
+
+def word_text(n_words: int, seed: int = 0, vocab: int = 128) -> str:
+    """``n_words`` random words of :func:`word_tokenizer` (never a special token)."""
+    gen = torch.Generator().manual_seed(seed)
+    return " ".join(f"w{k}" for k in torch.randint(4, vocab, (n_words,), generator=gen).tolist())

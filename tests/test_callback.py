@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
@@ -17,7 +17,7 @@ from optishear_lightning.callback import SEARCH_FILE, OptiShearCallback
 from optishear_lightning.datamodule import TextDataModule
 from optishear_lightning.models import named_prunable_linears
 from optishear_lightning.module import CausalLMModule
-from optishear_lightning.search import SearchConfig, SearchResult
+from optishear_lightning.search import WANDA, MetaMetric, SearchConfig, SearchResult
 
 from .conftest import tiny_llama
 
@@ -319,6 +319,19 @@ def test_calibration_falls_back_to_callback_loader_then_generated_text(tmp_path)
         (dict(search=dict(objective="mse")), "Unknown search objective"),
         (dict(group="column"), "comparison group"),
         (dict(search_result="/nonexistent/search.json"), "does not exist"),
+        (dict(method=3), "must be a name"),
+        (dict(method="wanda", sparsity="0.5"), "number"),
+        (dict(method="optishear", sparsity=[0.4, 0.6]), "Per-block sparsities"),
+        (dict(method="wanda", sparsity={0: 0.4, 2: 0.6}), "without gaps"),
+        (dict(method="wanda", sparsity=[0.4, 1.2]), "sparsity of block 1"),
+        (dict(method="wanda", pattern="2:4", sparsity=[0.5, 0.5]), "fixes sparsity"),
+        (dict(method="optishear", exclude=["*.mlp.*"]), "include/exclude"),
+        (dict(method="wanda", include=[]), "list of module-name patterns"),
+        (dict(prune_on="batch"), "prune_on"),
+        (dict(prune_on="step", prune_at=-1), "prune_at"),
+        (dict(prune_at=3), "needs prune_on"),
+        (dict(verbose=3), "verbose"),
+        (dict(push_to_hub="me/model"), "set export_dir"),
     ],
 )
 def test_bad_arguments_fail_in_init(kwargs, match):
@@ -466,3 +479,279 @@ def test_export_dir_that_can_never_be_created_fails_in_init(tmp_path, monkeypatc
     monkeypatch.setattr(os, "access", lambda p, m: Path(p) != readonly and real_access(p, m))
     with pytest.raises(PermissionError, match=str(readonly)):
         OptiShearCallback(export_dir=str(readonly / "deeper" / "model"))
+
+
+def test_bad_hub_repo_id_fails_in_init(tmp_path):
+    with pytest.raises(ValueError, match=r"not a Hub repo id|user/name"):
+        OptiShearCallback(export_dir=str(tmp_path / "out"), push_to_hub="a b/c d")
+
+
+# Method objects, per-block sparsity, layer selection, when to prune --------------------------
+def test_method_accepts_a_pruning_method_object(tmp_path):
+    by_name = CausalLMModule(tiny_llama(layers=2))
+    cb = OptiShearCallback(method="wanda", progress=False)
+    trainer(tmp_path, cb, max_steps=1).fit(by_name, datamodule=datamodule())
+    as_object = CausalLMModule(tiny_llama(layers=2))
+    cb2 = OptiShearCallback(method=WANDA, progress=False)  # Wanda as a point of the space
+    trainer(tmp_path, cb2, max_steps=1).fit(as_object, datamodule=datamodule())
+    assert cb2.method_name == WANDA.name and cb2.summary["metric_formula"] == str(WANDA)
+    for name, keep in cb.masks.packed().items():
+        assert torch.equal(keep["bits"], cb2.masks.packed()[name]["bits"])
+    custom = MetaMetric("square", "sqrt", "column_sum", "none")
+    module = CausalLMModule(tiny_llama(layers=2))
+    cb3 = OptiShearCallback(method=custom, progress=False)
+    trainer(tmp_path, cb3, max_steps=2).fit(module, datamodule=datamodule())
+    assert cb3.masks.sparsity() == pytest.approx(0.5) and cb3.masks.violations() == 0
+    assert cb3.summary["metric_formula"] == str(custom)
+
+
+def _block_sparsity(module, block):
+    weights = [w for n, w in pruned_weights(module).items() if f"layers.{block}." in n]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+@pytest.mark.parametrize("spec", [[0.3, 0.6], {0: 0.3, 1: 0.6}, {"1": 0.6, "0": 0.3}])
+def test_per_block_sparsity(tmp_path, spec):
+    module = CausalLMModule(tiny_llama(layers=2))
+    cb = OptiShearCallback(method="magnitude", sparsity=spec, progress=False)
+    trainer(tmp_path, cb, max_steps=1).fit(module, datamodule=datamodule())
+    assert cb.sparsity == [0.3, 0.6]
+    assert _block_sparsity(module, 0) == pytest.approx(0.3, abs=0.01)
+    assert _block_sparsity(module, 1) == pytest.approx(0.6, abs=0.01)
+    assert cb.summary["block_sparsity"] == [0.3, 0.6]
+
+
+def test_per_block_sparsity_for_another_block_count_fails_before_pruning(tmp_path):
+    module = CausalLMModule(tiny_llama(layers=2))
+    dense = {n: w.detach().clone() for n, w in pruned_weights(module).items()}
+    cb = OptiShearCallback(method="wanda", sparsity=[0.3, 0.4, 0.5], progress=False)
+    with pytest.raises(ValueError, match=r"3 per-block sparsities .* 2 decoder blocks"):
+        trainer(tmp_path, cb, max_steps=1).fit(module, datamodule=datamodule())
+    assert all(torch.equal(w, dense[n]) for n, w in pruned_weights(module).items())
+
+
+def test_include_and_exclude_select_layers_by_glob(tmp_path):
+    module = CausalLMModule(tiny_llama(layers=2), learning_rate=1e-2)
+    cb = OptiShearCallback(
+        method="wanda", include=["*.layers.1.*"], exclude=["*.self_attn.*"], progress=False
+    )
+    trainer(tmp_path, cb, max_steps=2).fit(module, datamodule=datamodule())
+    expected = {f"model.layers.1.mlp.{p}_proj" for p in ("gate", "up", "down")}
+    assert {n.removeprefix("model.").removesuffix(".weight") for n in cb.masks.names} == expected
+    for name, weight in pruned_weights(module).items():
+        zeros = float((weight == 0).float().mean())
+        assert zeros == (pytest.approx(0.5) if name in expected else 0.0)
+    assert cb.masks.violations() == 0
+
+
+def test_include_pattern_that_matches_nothing_fails_before_pruning(tmp_path):
+    module = CausalLMModule(tiny_llama(layers=2))
+    dense = {n: w.detach().clone() for n, w in pruned_weights(module).items()}
+    cb = OptiShearCallback(method="wanda", include=["*.feed_forward.*"], progress=False)
+    with pytest.raises(ValueError, match="matches none of the model's prunable linears"):
+        trainer(tmp_path, cb, max_steps=1).fit(module, datamodule=datamodule())
+    assert all(torch.equal(w, dense[n]) for n, w in pruned_weights(module).items())
+
+
+class ZerosAtBatchStart(Callback):
+    """Records the pruned fraction of the model's linears at every training batch."""
+
+    def __init__(self):
+        self.seen: list[tuple[int, int, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        weights = list(pruned_weights(pl_module).values())
+        zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+        self.seen.append((trainer.current_epoch, trainer.global_step, zeros))
+
+
+@pytest.mark.parametrize(
+    ("prune_on", "prune_at", "kwargs"),
+    [("step", 2, dict(max_steps=4)), ("epoch", 1, dict(max_epochs=2, limit_train_batches=2))],
+)
+def test_prune_at_a_later_step_or_epoch_then_keep_masks(tmp_path, prune_on, prune_at, kwargs):
+    module = CausalLMModule(tiny_llama(layers=2), learning_rate=1e-2)
+    cb = OptiShearCallback(method="wanda", prune_on=prune_on, prune_at=prune_at, progress=False)
+    spy = ZerosAtBatchStart()  # runs after the OptiShearCallback's hook (listed after it)
+    tr = trainer(tmp_path, cb, callbacks=[cb, spy], **kwargs)
+    tr.fit(module, datamodule=datamodule())
+    for epoch, step, zeros in spy.seen:
+        pruned = (step if prune_on == "step" else epoch) >= prune_at
+        assert zeros == (pytest.approx(0.5) if pruned else 0.0), (epoch, step, zeros)
+    assert any(z == 0.0 for *_, z in spy.seen) and cb.masks.violations() == 0
+    assert cb.masks.sparsity() == pytest.approx(0.5)
+
+
+def test_prune_at_never_reached_warns(tmp_path):
+    module = CausalLMModule(tiny_llama(layers=2))
+    cb = OptiShearCallback(method="wanda", prune_on="step", prune_at=50, progress=False)
+    with pytest.warns(UserWarning, match="was not pruned"):
+        trainer(tmp_path, cb, max_steps=2).fit(module, datamodule=datamodule())
+    assert cb.masks is None
+
+
+# verbose, loggers, artifacts ---------------------------------------------------------------
+class ImageWriter:
+    """What a TensorBoard SummaryWriter offers for images."""
+
+    def __init__(self):
+        self.images = []
+
+    def add_image(self, tag, image, step, dataformats="CHW"):
+        self.images.append((tag, tuple(image.shape), step, dataformats))
+
+
+class TensorBoardLike(MemoryLogger):
+    def __init__(self):
+        super().__init__()
+        self.writer = ImageWriter()
+
+    @property
+    def experiment(self):
+        return self.writer
+
+
+class WandbLike(MemoryLogger):
+    def __init__(self):
+        super().__init__()
+        self.images = []
+
+    def log_image(self, key, images, step=None):
+        self.images.append((key, list(images), step))
+
+
+def test_verbose_2_prints_and_logs_per_layer_sparsity(tmp_path, capsys):
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = CausalLMModule(tiny_llama(layers=2))
+    logger = MemoryLogger()
+    cb = OptiShearCallback(method="ria", verbose=2, progress=False)
+    csv = CSVLogger(tmp_path / "csv")
+    trainer(tmp_path, cb, max_steps=1, logger=[logger, csv]).fit(module, datamodule=datamodule())
+    out = capsys.readouterr().out
+    assert "per-layer sparsity" in out and "model.layers.1.mlp.down_proj" in out
+    logged = logger.keys()
+    per_layer = {k for k in logged if k.startswith("optishear/sparsity/")}
+    assert len(per_layer) == 14
+    assert "optishear/sparsity/model.layers.0.self_attn.q_proj" in per_layer
+    csv.finalize("success")
+    header = (Path(csv.log_dir) / "metrics.csv").read_text().splitlines()[0]
+    assert "optishear/sparsity/model.layers.0.mlp.up_proj" in header
+
+
+def test_verbose_0_prints_nothing(tmp_path, capsys, caplog):
+    module = CausalLMModule(tiny_llama(layers=2))
+    cb = OptiShearCallback(method="wanda", verbose=0, progress=False)
+    with caplog.at_level("INFO"):
+        trainer(tmp_path, cb, max_steps=1).fit(module, datamodule=datamodule())
+    assert "OptiShear" not in caplog.text and "OptiShear" not in capsys.readouterr().out
+
+
+def test_plots_go_to_image_loggers_and_every_artifact_is_printed_once(tmp_path, caplog):
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = CausalLMModule(tiny_llama(layers=2))
+    board, wandb = TensorBoardLike(), WandbLike()
+    cb = OptiShearCallback(
+        method="optishear", save_plots=True, save_dir=str(tmp_path / "s"), progress=False,
+        export_dir=str(tmp_path / "export"), **TINY_SEARCH,
+    )  # fmt: skip
+    loggers = [board, wandb, CSVLogger(tmp_path / "csv")]  # CSV takes no images: skipped
+    with caplog.at_level("INFO"):
+        trainer(tmp_path, cb, max_steps=1, logger=loggers).fit(module, datamodule=datamodule())
+    tags = {tag for tag, *_ in board.writer.images}
+    assert tags == {"optishear/pareto_front", "optishear/layer_ratios"}
+    assert all(len(shape) == 3 and fmt == "HWC" for _, shape, _, fmt in board.writer.images)
+    assert {key for key, *_ in wandb.images} == tags
+    assert all(Path(images[0]).is_file() for _, images, _ in wandb.images)
+    assert set(cb.artifacts) == {"search result", "search state", "plots", "pruned model"}
+    for path in cb.artifacts.values():
+        assert caplog.text.count(f"written to {path}\n") == 1
+        assert Path(path).exists()
+
+
+# Exports: model card, summary, inference config, the Hub --------------------------------------
+def test_export_has_model_card_summary_and_inference_config(tmp_path):
+    import json
+
+    model = tiny_llama(layers=2)
+    model.config.use_cache = False  # as load_model leaves it for pruning and training
+    model.config.optishear_model_id = "smollm2-135m"
+    module = CausalLMModule(model)
+    out = tmp_path / "export"
+    cb = OptiShearCallback(method="wanda", progress=False, export_dir=str(out))
+    trainer(tmp_path, cb, max_steps=1).fit(module, datamodule=datamodule())
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert "- optishear\n- pruned\n- sparse" in card
+    assert "| 1 | 50.00% | 50.00% |" in card and "`wanda`" in card
+    assert "8 sequences x 32 tokens" in card
+    summary = json.loads((out / "optishear_prune.json").read_text())
+    assert summary["method"] == "wanda" and summary["overall_sparsity"] == pytest.approx(0.5)
+    assert len(summary["layer_sparsity"]) == 14
+    assert json.loads((out / "config.json").read_text())["use_cache"] is True
+    assert model.config.use_cache is False  # the model in memory keeps its setting
+
+
+def test_push_to_hub_uploads_the_export_with_huggingface_hub(tmp_path, monkeypatch):
+    import shutil
+
+    from huggingface_hub import HfApi
+
+    hub = tmp_path / "hub"
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
+        # Stands in for the network: what upload_folder would send arrives in a local folder.
+        calls.append(("upload_folder", repo_id, kwargs))
+        ignored = shutil.ignore_patterns(*(ignore_patterns or []))
+        shutil.copytree(folder_path, hub / repo_id, ignore=ignored)
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    module = CausalLMModule(tiny_llama(layers=2))
+    cb = OptiShearCallback(
+        method="wanda", progress=False, export_dir=str(tmp_path / "export"),
+        push_to_hub="someone/tiny-pruned",
+    )  # fmt: skip
+    trainer(tmp_path, cb, max_steps=1).fit(module, datamodule=datamodule())
+    assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
+    assert calls[0][2]["exist_ok"] is True
+    arrived = {p.name for p in (hub / "someone" / "tiny-pruned").iterdir()}
+    assert {"README.md", "config.json", "model.safetensors", "optishear_prune.json"} <= arrived
+    assert ".optishear_export" not in arrived
+    assert (
+        'from_pretrained("someone/tiny-pruned")'
+        in (hub / "someone" / "tiny-pruned" / "README.md").read_text()
+    )
+    assert cb.artifacts["Hub upload"] == "https://huggingface.co/someone/tiny-pruned"
+
+
+def test_resume_with_another_layer_selection_is_refused(tmp_path):
+    module = CausalLMModule(tiny_llama(layers=2))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True)
+    cb = OptiShearCallback(method="wanda", exclude=["*.mlp.*"], progress=False)
+    trainer(tmp_path, cb, callbacks=[cb, ckpt], max_steps=1).fit(module, datamodule=datamodule())
+    cb2 = OptiShearCallback(method="wanda", progress=False)
+    with pytest.raises(ValueError, match="selected by exclude"):
+        trainer(tmp_path, cb2, max_steps=2).fit(
+            CausalLMModule(tiny_llama(layers=2)),
+            datamodule=datamodule(),
+            ckpt_path=tmp_path / "ckpts" / "last.ckpt",
+        )
+
+
+@pytest.mark.parametrize(
+    ("setting", "bar", "shown"),
+    [(None, True, True), (None, False, False), (False, True, False), (True, False, True)],
+)
+def test_progress_follows_the_trainers_progress_bar_unless_set(tmp_path, setting, bar, shown):
+    trainer = Trainer(
+        enable_progress_bar=bar, logger=False, enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    assert OptiShearCallback(method="wanda", progress=setting)._progress(trainer) is shown

@@ -17,7 +17,11 @@ from optishear_lightning.data import (
     CALIBRATION_SOURCES,
     calibration_windows,
     evaluation_tokens,
+    evaluation_windows,
 )
+
+from .conftest import WORD_BOS, word_text, word_tokenizer
+from .test_models import BOS_FAMILIES, FAMILY_NAMES, make_model
 
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 C4_TRAIN = DATA_ROOT / "c4" / "c4-train.00000-of-01024.head1041.jsonl"
@@ -380,3 +384,133 @@ def test_unreachable_hub_dataset_says_how_to_use_a_local_file(monkeypatch):
 
     with pytest.raises(RuntimeError, match=r"allenai/c4.*local copy.*\.jsonl"):
         _load_c4("train", "en/c4-train.00000-of-01024.json.gz")
+
+
+# ----------------------------------------------------------------------------------------------
+# A BOS token at the start of every window (bos_per_window)
+# ----------------------------------------------------------------------------------------------
+
+
+def wanda_windows(ids_of, n_items, n_samples, seq_len, seed, bos=None, documents=True):
+    """Wanda's get_c4 (documents) / get_wikitext2 (one stream) loops, optionally BOS + body.
+
+    Off (``bos=None``) this is the published code, the behaviour before bos_per_window existed.
+    On, a leading BOS is dropped from the token ids, the loop runs on ``seq_len - 1`` tokens and
+    every window gets BOS in front.
+    """
+    body = seq_len - (bos is not None)
+
+    def ids(i):
+        out = ids_of(i)
+        return out[1:] if bos is not None and out[0] == bos else out
+
+    rng = random.Random(seed)
+    windows = []
+    for _ in range(n_samples):
+        if documents:
+            while True:
+                tokens = ids(rng.randint(0, n_items - 1))
+                if tokens.numel() > body:
+                    break
+        else:
+            tokens = ids(0)
+        start = rng.randint(0, tokens.numel() - body - 1)
+        window = tokens[start : start + body]
+        windows.append(window if bos is None else torch.cat([torch.tensor([bos]), window]))
+    return torch.stack(windows)
+
+
+BOS_DOCS = [word_text(n, seed=k) for k, n in enumerate([5, 40, 60, 12, 80, 33, 9, 50])]
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_bos_per_window_calibration_windows_every_family(family, tmp_path):
+    tok = word_tokenizer()  # puts BOS in front of every text, as LLaMA and Gemma tokenizers do
+    model = make_model(family)
+    stream_file = tmp_path / "stream.txt"
+    stream_file.write_text(word_text(300, seed=99), encoding="utf-8")
+    n, seq_len = 6, 16
+
+    def doc_ids(i):
+        return tok(BOS_DOCS[i], return_tensors="pt").input_ids[0]
+
+    def stream_ids(_):
+        return tok(stream_file.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+
+    for source, ids_of, documents in ((BOS_DOCS, doc_ids, True), (stream_file, stream_ids, False)):
+        args = (source, tok, n, seq_len, 0)
+        plain = wanda_windows(ids_of, len(BOS_DOCS), n, seq_len, 0, None, documents)
+        with_bos = wanda_windows(ids_of, len(BOS_DOCS), n, seq_len, 0, WORD_BOS, documents)
+        default = calibration_windows(*args, model=model)
+        # The family default: BOS per window for Gemma, the published windows bit for bit for
+        # every other family.
+        assert torch.equal(default, with_bos if family in BOS_FAMILIES else plain)
+        assert torch.equal(calibration_windows(*args, model=model, bos_per_window=False), plain)
+        on = calibration_windows(*args, model=model, bos_per_window=True)
+        assert torch.equal(on, with_bos)
+        assert on.shape == (n, seq_len)
+        assert torch.all(on[:, 0] == WORD_BOS) and not torch.any(on[:, 1:] == WORD_BOS)
+
+
+def test_bos_per_window_without_bos_token_fails_before_any_work(monkeypatch):
+    import optishear_lightning.data as data
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("tokenised text before checking the setting")
+
+    monkeypatch.setattr(data, "encode_text", no_work)
+    tok = word_tokenizer(bos=False)
+    with pytest.raises(ValueError, match=r"bos_per_window=True.*bos_per_window=False"):
+        calibration_windows(BOS_DOCS, tok, 2, 8, bos_per_window=True)
+    with pytest.raises(ValueError, match=r"gemma2 family.*bos_per_window=False"):
+        calibration_windows(BOS_DOCS, tok, 2, 8, model=make_model("gemma2"))
+    monkeypatch.undo()
+    # The other families need no BOS: windows are cut as before.
+    assert calibration_windows(BOS_DOCS, tok, 2, 8, model=make_model("llama")).shape == (2, 8)
+
+
+def test_bos_per_window_text_too_short_says_so(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text(word_text(8), encoding="utf-8")  # 9 tokens with the tokenizer's BOS
+    tok = word_tokenizer()
+    assert calibration_windows(path, tok, 2, 8).shape == (2, 8)
+    with pytest.raises(ValueError, match="less the BOS"):
+        calibration_windows(path, tok, 2, 9, bos_per_window=True)
+
+
+def test_bos_per_window_self_generated_windows_start_with_bos():
+    gemma = make_model("gemma")
+    default = calibration_windows("self", None, 2, 8, seed=0, model=gemma)
+    assert torch.all(default[:, 0] == WORD_BOS)
+    # Generation starts from BOS anyway: the setting only checks that there is one.
+    off = calibration_windows("self", None, 2, 8, seed=0, model=gemma, bos_per_window=False)
+    assert torch.equal(default, off)
+    no_bos = make_model("llama")
+    no_bos.config.bos_token_id = None
+    no_bos.generation_config.bos_token_id = None
+    with pytest.raises(ValueError, match="bos_per_window=False"):
+        calibration_windows("self", None, 2, 8, model=no_bos, bos_per_window=True)
+
+
+def test_evaluation_windows_with_and_without_bos():
+    seq_len = 8
+    stream = torch.cat([torch.tensor([WORD_BOS]), torch.arange(10, 10 + 42)])  # 43 tokens
+    plain = evaluation_windows(stream, seq_len)
+    assert torch.equal(plain, stream[: 5 * seq_len].reshape(5, seq_len))  # the literature's cut
+    on = evaluation_windows(stream, seq_len, bos_token_id=WORD_BOS)
+    # As many windows, each [BOS] + the next seq_len - 1 text tokens: no text token twice.
+    assert on.shape == plain.shape
+    assert torch.all(on[:, 0] == WORD_BOS)
+    assert torch.equal(on[:, 1:].reshape(-1), stream[1 : 1 + 5 * (seq_len - 1)])
+    # A stream that does not start with BOS loses no token.
+    body = stream[1:]
+    assert torch.equal(
+        evaluation_windows(body, seq_len, bos_token_id=WORD_BOS)[:, 1:].reshape(-1),
+        body[: 5 * (seq_len - 1)],
+    )
+    assert evaluation_windows(stream, seq_len, max_windows=2, bos_token_id=WORD_BOS).shape == (
+        2,
+        seq_len,
+    )
+    with pytest.raises(ValueError, match="fewer than one window"):
+        evaluation_windows(stream[:7], seq_len, bos_token_id=WORD_BOS)

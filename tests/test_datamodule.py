@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from optishear_lightning.datamodule import TextDataModule
 
-from .conftest import SHARED_DATA, requires_shared_data, requires_smollm2
+from .conftest import (
+    SHARED_DATA,
+    WORD_BOS,
+    requires_shared_data,
+    requires_smollm2,
+    word_text,
+    word_tokenizer,
+)
 
 
 def test_tensor_sources_make_windows_and_loaders():
@@ -83,3 +93,84 @@ def test_missing_data_files_fail_when_the_datamodule_is_built(tmp_path):
         TextDataModule(tokenizer=None, calibration_data=str(tmp_path / "missing.jsonl"))
     with pytest.raises(ValueError, match=r"data\.val_data"):
         TextDataModule(tokenizer=None, val_data="not a known source")
+
+
+# --------------------------------------------------------------------------------------------
+# A BOS token at the start of every window (bos_per_window)
+
+
+def word_sources(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(
+        "".join(json.dumps({"text": word_text(n, seed=n)}) + "\n" for n in (40, 70, 55, 90)),
+        encoding="utf-8",
+    )
+    stream = tmp_path / "stream.txt"
+    stream.write_text(word_text(200, seed=7), encoding="utf-8")
+    return dict(
+        train_data=docs, calibration_data=docs, val_data=stream, test_data=stream,
+        seq_len=16, train_samples=4, calibration_samples=3, val_windows=5, seed=0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("setting", [True, False])
+def test_bos_per_window_passes_through_every_split(tmp_path, setting):
+    from optishear_lightning.data import calibration_windows, evaluation_tokens, evaluation_windows
+
+    tok = word_tokenizer()
+    sources = word_sources(tmp_path)
+    dm = TextDataModule(tok, **sources, bos_per_window=setting)
+    docs, stream = sources["calibration_data"], sources["val_data"]
+    expected = {
+        "train": calibration_windows(docs, tok, 4, 16, seed=1, bos_per_window=setting),
+        "calibration": calibration_windows(docs, tok, 3, 16, seed=0, bos_per_window=setting),
+        "val": evaluation_windows(
+            evaluation_tokens(stream, tok), 16, 5, bos_token_id=WORD_BOS if setting else None
+        ),
+    }
+    for name, windows in expected.items():
+        assert torch.equal(dm.split(name), windows), name
+        if setting:
+            assert torch.all(dm.split(name)[:, 0] == WORD_BOS), name
+    if not setting:  # off: the literature's consecutive windows
+        tokens = evaluation_tokens(stream, tok)
+        assert torch.equal(dm.split("val"), tokens[: 5 * 16].reshape(5, 16))
+    assert next(iter(dm.calibration_dataloader())).shape[1] == 16
+
+
+@pytest.mark.parametrize("family", ["gemma", "llama"])
+def test_bos_per_window_default_follows_the_model(tmp_path, family):
+    from .test_models import BOS_FAMILIES, make_model
+
+    on = family in BOS_FAMILIES
+    tok = word_tokenizer()
+    # A bound model (what the CLI does once the model is loaded)...
+    dm = TextDataModule(tok, **word_sources(tmp_path))
+    dm.bind_model(make_model(family))
+    assert torch.all(dm.split("val")[:, 0] == WORD_BOS) == on
+    assert dm.window_bos_id() == (WORD_BOS if on else None)
+    # ... the Trainer's model...
+    dm = TextDataModule(tok, **word_sources(tmp_path))
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(model=make_model(family)))
+    assert dm.window_bos_id() == (WORD_BOS if on else None)
+    # ... or the config of the model that `tokenizer` names.
+    model_dir = tmp_path / f"tiny-{family}"
+    make_model(family).config.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    dm = TextDataModule(str(model_dir), **word_sources(tmp_path))
+    assert dm.window_bos_id() == (WORD_BOS if on else None)
+    assert torch.all(dm.split("calibration")[:, 0] == WORD_BOS) == on
+
+
+def test_bos_per_window_needs_a_bos_token():
+    dm = TextDataModule(None, val_data=torch.arange(3, 60), seq_len=8, bos_per_window=True)
+    with pytest.raises(ValueError, match=r"data\.bos_per_window=False"):
+        dm.split("val")
+    dm = TextDataModule(word_tokenizer(bos=False), val_data=torch.arange(3, 60), seq_len=8)
+    from .test_models import make_model
+
+    dm.bind_model(make_model("gemma"))
+    with pytest.raises(ValueError, match=r"gemma family.*data\.bos_per_window=False"):
+        dm.split("val")
+    with pytest.raises(ValueError, match="bos_per_window"):
+        TextDataModule(None, bos_per_window="yes")

@@ -19,10 +19,15 @@ from torch import nn
 from optishear_lightning.models import (
     BUILTIN_MODELS,
     ModelSource,
+    eval_mode,
     find_decoder_blocks,
     find_prunable_linears,
+    load_config,
     load_model,
+    model_bos_token_id,
+    needs_bos_per_window,
     parse_dtype,
+    resolve_bos_per_window,
     resolve_model_source,
 )
 from optishear_lightning.pruning import prune
@@ -378,6 +383,77 @@ def test_gpt2_conv1d_is_refused_before_any_change():
             prune(model, token_ids(2, 16), method, sparsity, pattern)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+# --------------------------------------------------------------------------------------------
+# Family quirks: a BOS token at the start of every window
+
+#: The families of FAMILIES whose windows start with BOS by default (Gemma 1-3).
+BOS_FAMILIES = {"gemma", "gemma2", "gemma3"}
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_bos_per_window_family_default(family):
+    model = make_model(family)
+    expected = family in BOS_FAMILIES
+    assert needs_bos_per_window(model) is expected
+    assert needs_bos_per_window(model.config) is expected
+    assert needs_bos_per_window(model.config.model_type) is expected
+    assert model_bos_token_id(model) == 1
+    # Off for the other families: the published LLaMA / Wanda protocol stays as it is.
+    assert (resolve_bos_per_window(None, model, 1) == 1) is expected
+    assert resolve_bos_per_window(False, model, 1) is None
+    assert resolve_bos_per_window(True, model, 1) == 1
+
+
+@pytest.mark.parametrize(
+    ("model_type", "expected"),
+    [
+        ("gemma3_text", True),
+        ("gemma3n", True),
+        ("recurrent_gemma", True),
+        ("paligemma", True),
+        ("Gemma2", True),
+        ("llama", False),
+        ("mistral", False),
+        ("qwen2", False),
+        ("phi3", False),
+        ("gpt_neox", False),
+        ("opt", False),
+    ],
+)
+def test_needs_bos_per_window_by_model_type(model_type, expected):
+    assert needs_bos_per_window(model_type) is expected
+
+
+def test_needs_bos_per_window_without_a_family():
+    assert needs_bos_per_window(None) is False
+    assert needs_bos_per_window(nn.Linear(2, 2)) is False
+    assert model_bos_token_id(nn.Linear(2, 2)) is None
+
+
+def test_resolve_bos_per_window_says_what_to_change():
+    with pytest.raises(ValueError, match=r"bos_per_window=True.*tokenizer.*bos_per_window=False"):
+        resolve_bos_per_window(True, None, None)
+    # The family default on and no BOS: the message names the family and the way out.
+    with pytest.raises(ValueError, match=r"gemma family.*data\.bos_per_window=False"):
+        resolve_bos_per_window(None, make_model("gemma"), None, setting="data.bos_per_window")
+    assert resolve_bos_per_window(None, make_model("llama"), None) is None
+    with pytest.raises(TypeError, match="True, False or None"):
+        resolve_bos_per_window("yes", None, 1)
+
+
+def test_load_config_reads_the_family_without_weights(tiny_checkpoint):
+    assert load_config(tiny_checkpoint).model_type == "llama"
+
+
+def test_eval_mode_restores_each_module_flag():
+    model = make_model("llama").train()
+    model.model.layers[0].eval()  # a deliberately frozen block must stay in eval mode
+    with eval_mode(model) as inside:
+        assert inside is model and not any(m.training for m in model.modules())
+    assert model.training and model.model.layers[1].training
+    assert not model.model.layers[0].training
 
 
 # --------------------------------------------------------------------------------------------

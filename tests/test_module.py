@@ -101,3 +101,14 @@ def test_zero_shot_accuracy_is_logged_at_test_end(tmp_path, smollm2_dir):
         assert 0.0 <= result[f"test/{task}_acc"] <= 1.0
         assert 0.0 <= result[f"test/{task}_acc_norm"] <= 1.0
     assert result["test/ppl"] > 1.0
+
+
+def test_cli_module_takes_the_model_by_name_and_is_a_causal_lm_module(tmp_path):
+    from optishear_lightning.cli import CLICausalLMModule
+
+    tiny_llama(layers=2).save_pretrained(tmp_path / "tiny")
+    module = CLICausalLMModule(str(tmp_path / "tiny"), learning_rate=1e-3, warmup_steps=2)
+    assert isinstance(module, CausalLMModule)
+    assert module.hparams["model"] == str(tmp_path / "tiny")
+    assert module.hparams["learning_rate"] == 1e-3 and module.hparams["warmup_steps"] == 2
+    assert module.model_name == str(tmp_path / "tiny")

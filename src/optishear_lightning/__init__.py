@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0.dev0"
-
+from ._version import __version__
 from .models import load_model, load_tokenizer
 from .pruning import PruneResult, prune, save_pruned_model
+from .sparse_masks import SparseMasks
 
 __all__ = [
     "CausalLMModule",
@@ -28,7 +28,6 @@ _LAZY = {
     "OptiShearCallback": ".callback",
     "CausalLMModule": ".module",
     "TextDataModule": ".datamodule",
-    "SparseMasks": ".finetuning",
 }
 
 

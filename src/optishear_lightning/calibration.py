@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import find_decoder_blocks, find_prunable_linears
+from .models import eval_mode, find_decoder_blocks, find_prunable_linears
+from .progress import track
 
 __all__ = [
     "BlockInputs",
@@ -106,22 +107,6 @@ class StatsCollector:
                     "Load the model in float32 or bfloat16 (float16 overflows in many LLMs) "
                     "and check the calibration tokens."
                 )
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """Run ``model`` in eval mode (no dropout), then restore each module's training flag.
-
-    Calibration statistics must not depend on dropout: a freshly built transformers model, or
-    one handed over by a training loop, is in training mode.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 class _StopForward(Exception):
@@ -224,7 +209,7 @@ def capture_block_inputs(
     home = next(iter(outer_devices)) if len(outer_devices) == 1 else torch.device("cpu")
     try:
         model.to(device)
-        with _eval_mode(model):
+        with eval_mode(model):
             for input_ids in batches:
                 with contextlib.suppress(_StopForward):
                     model(input_ids=input_ids.to(device), use_cache=False)
@@ -290,15 +275,10 @@ def run_sequential(
     device = torch.device(device) if device is not None else home
     if offload is None:
         offload = home != device
-    with _eval_mode(model):
+    with eval_mode(model):
         inputs = capture_block_inputs(model, batches, device, cache_device)
         hidden = inputs.hidden
-        iterator: Iterable[int] = range(len(blocks))
-        if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(iterator, desc="blocks", unit="block")
-        for i in iterator:
+        for i in track(range(len(blocks)), "blocks", enabled=progress):
             block = blocks[i]
             block_home = next(block.parameters()).device
             try:

@@ -1,111 +1,156 @@
-"""``OptiShearCallback``: prune a LightningModule's causal LM when fitting starts, keep it sparse.
+"""``OptiShearCallback``: prune a LightningModule's causal LM during ``fit``, keep it sparse.
 
 Thin glue over the engine (:func:`~optishear_lightning.pruning.prune`) and the search
 (:func:`~optishear_lightning.search.optishear_prune`):
 
-1. ``on_fit_start``: take calibration batches (the LightningModule's
-   ``calibration_dataloader()``, else the datamodule's, else the loader given to the callback,
-   else text sampled from the model), search (``method="optishear"``) or reuse a saved
-   ``SearchResult``, prune, log the search through the Trainer's loggers and save the
-   ``SearchResult`` beside the checkpoints. Under DDP, rank 0 prunes and broadcasts the pruned
-   weights and masks, so every rank holds identical masks.
+1. When fitting starts (``prune_on="fit_start"``, default), or at the start of epoch / global
+   step ``prune_at`` (``prune_on="epoch"`` / ``"step"``): take calibration batches (the
+   LightningModule's ``calibration_dataloader()``, else the datamodule's, else the loader given
+   to the callback, else text sampled from the model), search (``method="optishear"``) or reuse
+   a saved ``SearchResult``, prune the selected linears (``include``/``exclude``), log the
+   search through the Trainer's loggers and save the ``SearchResult`` beside the checkpoints.
+   Under DDP, rank 0 prunes and broadcasts the pruned weights and masks, so every rank holds
+   identical masks.
 2. While training: the gradients of pruned weights are zeroed before gradient clipping and the
    optimizer step, and the pruned weights are re-zeroed after every optimizer step (see
-   :mod:`.finetuning`), so they stay exactly zero under any precision, accumulation or
+   :mod:`.sparse_masks`), so they stay exactly zero under any precision, accumulation or
    clipping setting.
 3. Checkpoints carry the bit-packed masks, the ``SearchResult`` and the prune summary (by fully
    qualified parameter name); ``trainer.fit(ckpt_path=...)`` resumes with the same masks and no
-   new search. ``export_dir`` writes a plain transformers checkpoint at the end of fitting.
+   new search. ``export_dir`` writes a plain transformers checkpoint with a model card at the end
+   of fitting, and ``push_to_hub`` uploads it.
+
+``verbose`` follows Lightning's ``ModelPruning``: 0 prints nothing, 1 the summary and where
+every artifact went, 2 also a per-layer table and per-layer sparsity in the loggers.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
 
-from .finetuning import SparseMasks
-from .masks import parse_pattern, validate_sparsity
-from .metrics import METHODS
-from .models import find_decoder_blocks
+from .loggers import layer_table, log_images, log_metrics, print_rich
+from .masks import check_group, parse_pattern, validate_sparsity
+from .metrics import METHODS, PruningMethod, get_method
+from .models import find_decoder_blocks, named_prunable_linears
 from .pruning import (
+    EXPORT_MARKER,
     as_calibration_batches,
     check_output_dir,
     check_token_ids,
     prune,
+    resolve_block_sparsities,
     save_pruned_model,
 )
 from .reconstruction import Reconstruction, check_reconstruction
 from .search.config import SearchConfig
+from .sparse_masks import SparseMasks
 
-__all__ = ["OptiShearCallback"]
+__all__ = ["MethodName", "OptiShearCallback", "PatternName"]
 
 SEARCH_FILE = "optishear_search.json"
 STATE_FILE = "optishear_search_state.json"
+PLOTS_DIR = "optishear_plots"
 _STATE_VERSION = 1
 _SHARDED_STRATEGIES = {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"}
 
+MethodName = Literal["optishear", "magnitude", "wanda", "ria", "sparsegpt"]
+"""The built-in method names (``register_metric`` adds more)."""
+PatternName = Literal["unstructured", "2:4", "4:8"]
+"""Common mask layouts; any ``"N:M"`` works."""
+SparsitySpec = float | list[float] | dict[int, float] | None
+
 
 class OptiShearCallback(Callback):
-    """Prune the model at the start of ``fit`` and keep the masks through fine-tuning.
+    """Prune the model when fitting starts (or later) and keep the masks through fine-tuning.
 
     Args:
-        method: ``"optishear"`` (search a metric and per-block ratios), or an engine method:
-            ``"wanda"``, ``"ria"``, ``"sparsegpt"``, ``"magnitude"``.
-        sparsity: target global sparsity for unstructured patterns (``None`` for N:M).
-        pattern: ``"unstructured"`` or ``"N:M"`` (``"2:4"``, ``"4:8"``).
-        group: comparison group of unstructured masks (``"row"`` or ``"layer"``).
-        search_result: path of a saved ``SearchResult`` to reuse instead of searching; with an
-            engine method, that method is applied with the saved ratios.
-        search: the search settings (:class:`~optishear_lightning.search.SearchConfig`); in
-            YAML, a mapping under ``search:`` (``--optishear.search.budget 100``).
-        reconstruct: update the kept weights of every pruned layer to minimise
-            ``||WX - ŴX||`` once its mask is fixed: ``"obs"`` or ``"lsq"`` (see
-            :mod:`optishear_lightning.reconstruction`); with ``"optishear"`` the search's
-            finalists are scored with it too.
-        permute: N:M only: permute input channels before N:M selection, folded into the
-            producing layers so the dense model is unchanged (see
-            :mod:`optishear_lightning.permutation`); with ``"optishear"`` the finalists too.
-        calibration_samples: at most this many calibration sequences are used (``None`` =
-            all the loader yields); also the number generated when no loader exists.
-        calibration_seq_len: length of generated calibration text (loaders keep theirs).
-        calibration_batch_size: sequences per calibration forward pass.
-        calibration_dataloader: a loader of token ids, used when neither the LightningModule
-            nor the datamodule has ``calibration_dataloader()`` (Python only).
-        seed: search seed.
-        keep_masks: keep pruned weights at zero while training (sparse fine-tuning).
-        save_dir: where the ``SearchResult`` (and the resumable search state) go; default:
-            the checkpoint directory, else the Trainer's ``default_root_dir``.
-        save_plots: also write the Pareto-front and ratio PNGs there.
-        export_dir: write the final model there (``save_pretrained``, safetensors) at the end
-            of fitting; must not exist yet unless ``overwrite_export``.
-        overwrite_export: replace an existing ``export_dir``.
-        model_attr: attribute path of the Hugging Face model inside the LightningModule
-            (default: ``"model"`` if it exists, else its first ``PreTrainedModel``).
-        progress: progress bars and a summary table during the search.
+        method: Pruning method, by name or as a PruningMethod. "optishear" searches a metric
+            and per-block ratios; "magnitude", "wanda", "ria", "sparsegpt" (or a name
+            registered with ``register_metric``) prune with that method; a PruningMethod
+            object such as a hand-made or saved MetaMetric is applied as it is (in YAML:
+            ``class_path: optishear_lightning.search.MetaMetric`` with ``init_args``).
+        sparsity: Target sparsity (null for N:M). One ratio, a list with one ratio per
+            decoder block, or a ``{block: ratio}`` mapping covering every block (checked
+            against the model's block count before any weight changes).
+        pattern: Mask layout: unstructured or N:M. N:M keeps N of every M weights along the
+            input dimension (2:4, 4:8...).
+        group: Comparison group of unstructured masks. "row": each output row; "layer": the
+            whole matrix.
+        search_result: A saved search to reuse instead of searching. An
+            ``optishear_search.json``; with an engine method, that method is applied with the
+            saved ratios.
+        search: The search settings (SearchConfig). In YAML a mapping under ``search:``; on
+            the command line ``--optishear.search.budget 100``.
+        reconstruct: Update the kept weights after each mask. "obs": SparseGPT's update on the
+            mask; "lsq": the least-squares optimum (see ``optishear_lightning.reconstruction``).
+        permute: N:M only: permute input channels before choosing masks. Folded into the
+            producing layers, so the dense model computes the same function.
+        calibration_samples: Calibration sequences to use (null: all). Also how many are
+            generated when there is no calibration loader.
+        calibration_seq_len: Length of generated calibration text. Loaders keep theirs.
+        calibration_batch_size: Sequences per calibration forward pass.
+        calibration_dataloader: A loader of token ids (Python only). Used when neither the
+            LightningModule nor the datamodule has ``calibration_dataloader()``.
+        seed: Search seed (and of generated calibration text).
+        keep_masks: Keep pruned weights at zero while training (sparse fine-tuning).
+        save_dir: Where the search result and state go. Default: the checkpoint directory,
+            else the Trainer's ``default_root_dir``.
+        save_plots: Also plot the search (PNG) and send the plots to image loggers.
+            Pareto front and per-block ratios, written under ``save_dir`` and sent to
+            TensorBoard, W&B, MLflow or Comet when one of them is a logger.
+        export_dir: Export the final model here at the end of fitting. A transformers
+            checkpoint (safetensors) with a model card ``README.md`` and
+            ``optishear_prune.json``; must not exist yet unless ``overwrite_export``.
+        overwrite_export: Replace an earlier export of this package at export_dir.
+        model_attr: Where the Hugging Face model is in the LightningModule. An attribute path;
+            default: ``model`` if it exists, else its first ``PreTrainedModel``.
+        progress: Progress bars (Rich) and a summary table during calibration and the search.
+            ``None`` (default) follows the Trainer: shown on rank zero when it has a progress
+            bar (``enable_progress_bar=True``), hidden when it does not.
+        include: Prune only linears matching one of these globs (default: all).
+            ``fnmatch`` on fully qualified names such as ``model.layers.0.mlp.down_proj``, as
+            ``named_prunable_linears`` gives them.
+        exclude: Do not prune linears matching one of these globs. Applied after
+            ``include``; a pattern that matches nothing is an error.
+        prune_on: When to prune during fit. "fit_start" (default), or at the start of epoch
+            ``prune_at`` ("epoch") or of global step ``prune_at`` ("step"), then fine-tune on
+            with the masks. ``optishear prune`` prunes at once.
+        prune_at: The epoch or global step to prune at (see prune_on).
+        verbose: 0 silent, 1 summary and artifact paths, 2 also per-layer sparsity. As in
+            Lightning's ``ModelPruning``: 2 prints a per-layer table (layer, method, target,
+            achieved) and logs ``optishear/sparsity/<layer>`` to the loggers.
+        push_to_hub: Upload the export to this Hub repo (user/name). Needs ``export_dir``
+            and a Hub token; uses ``huggingface_hub``'s ``create_repo``/``upload_folder``.
 
     Raises:
         ValueError: an unknown method, pattern or reconstruction, a sparsity outside [0, 1),
-            search ratios ``sparsity +- delta`` outside [0, 1), a missing
-            ``search_result`` file, or an ``export_dir`` that exists -- all in ``__init__``.
+            a per-block sparsity with the search, search ratios ``sparsity +- delta`` outside
+            [0, 1), include/exclude with the search, a bad prune_on/prune_at/verbose, a
+            push_to_hub without export_dir, a missing ``search_result`` file, or an
+            ``export_dir`` that exists -- all in ``__init__``.
 
     Example:
         >>> trainer = Trainer(max_steps=100, callbacks=[OptiShearCallback(sparsity=0.5)])
         >>> trainer.fit(module, datamodule=datamodule)  # doctest: +SKIP
+        >>> OptiShearCallback("wanda", [0.4, 0.6], exclude=["*.self_attn.*"], verbose=2)
+        ... # doctest: +SKIP
     """
 
     def __init__(
         self,
-        method: str = "optishear",
-        sparsity: float | None = 0.5,
-        pattern: str = "unstructured",
-        group: str = "row",
+        method: MethodName | str | PruningMethod = "optishear",
+        sparsity: SparsitySpec = 0.5,
+        pattern: PatternName | str = "unstructured",
+        group: Literal["row", "layer"] = "row",
         search_result: str | None = None,
         search: SearchConfig | None = None,
         reconstruct: Reconstruction | None = None,
@@ -121,76 +166,48 @@ class OptiShearCallback(Callback):
         export_dir: str | None = None,
         overwrite_export: bool = False,
         model_attr: str | None = None,
-        progress: bool = True,
+        progress: bool | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        prune_on: Literal["fit_start", "epoch", "step"] = "fit_start",
+        prune_at: int = 0,
+        verbose: Literal[0, 1, 2] = 1,
+        push_to_hub: str | None = None,
     ):
         super().__init__()
-        method = str(method).lower()
-        if method != "optishear" and method not in METHODS:
-            raise ValueError(
-                f"Unknown pruning method {method!r}; choose 'optishear' or one of "
-                f"{sorted(METHODS)}."
-            )
+        method = _check_method(method)
         pat = parse_pattern(pattern)
-        if pat.is_nm:
-            if sparsity is not None and abs(float(sparsity) - pat.sparsity) > 1e-9:
-                raise ValueError(
-                    f"The {pat} pattern fixes sparsity at {pat.sparsity:g}; set sparsity to "
-                    "null/None (or to that value)."
-                )
-            sparsity = pat.sparsity
-        else:
-            if sparsity is None:
-                raise ValueError("Unstructured pruning needs a sparsity, e.g. sparsity: 0.5.")
-            sparsity = validate_sparsity(sparsity, "sparsity")
-        if group not in ("row", "layer"):
-            raise ValueError(f"Unknown comparison group {group!r}: use 'row' or 'layer'.")
-        if pat.is_nm and group != "row":
-            raise ValueError("N:M patterns use their own groups; leave group='row'.")
-        search = search if search is not None else SearchConfig()
-        if isinstance(search, dict):  # a mapping from Python or an older YAML loader
-            search = SearchConfig(**search)
-        reconstruct = check_reconstruction(reconstruct)
-        if search.reconstruct is not None and search.reconstruct != reconstruct:
-            raise ValueError(
-                f"reconstruct is set on the search ({search.reconstruct!r}) and on the callback "
-                f"({reconstruct!r}); set it once, as the callback's reconstruct."
-            )
-        if permute and not pat.is_nm:
-            raise ValueError(
-                "permute arranges input channels for N:M groups; with an unstructured pattern "
-                "it has nothing to do: set pattern to '2:4' (or another N:M) or permute to false."
-            )
-        if search.permute and not permute:
-            raise ValueError(
-                "permute is set on the search; set it once, as the callback's permute."
-            )
-        search = search.replace(reconstruct=reconstruct, permute=bool(permute))
+        check_group(group, pat)
         searching = method == "optishear" and search_result is None
+        sparsity = _check_sparsity(sparsity, pat, method, search_result)
+        search = _check_search(search, reconstruct, permute, pat)
         if searching and search.search_ratios and not pat.is_nm:
             search.ratio_candidates(sparsity)  # fails now, not after the model has loaded
-        for name, value, low in (
-            ("calibration_seq_len", calibration_seq_len, 2),
-            ("calibration_batch_size", calibration_batch_size, 1),
-        ):
-            if int(value) < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}.")
-        if calibration_samples is not None and calibration_samples < 1:
-            raise ValueError("calibration_samples must be None (all) or >= 1.")
+        include, exclude = _check_globs("include", include), _check_globs("exclude", exclude)
+        if (include or exclude) and (method == "optishear" or search_result is not None):
+            raise ValueError(
+                "include/exclude select layers for an engine method (wanda, ria, sparsegpt, "
+                "magnitude or a PruningMethod); the OptiShear search and a saved search prune "
+                "every layer. Drop include/exclude or choose another method."
+            )
+        _check_schedule(prune_on, prune_at, verbose)
+        _check_calibration(calibration_samples, calibration_seq_len, calibration_batch_size)
         if search_result is not None and not Path(search_result).is_file():
             raise FileNotFoundError(
                 f"search_result {search_result} does not exist; give the path of a JSON file "
                 "saved by a previous search (optishear_search.json)."
             )
+        _check_hub(push_to_hub, export_dir)
         if export_dir is not None:
             check_output_dir(export_dir, overwrite_export)
 
         self.method = method
-        self.sparsity = float(sparsity)
+        self.sparsity = sparsity
         self.pattern = str(pat)
         self.group = group
         self.search_result = search_result
         self.search = search
-        self.reconstruct = reconstruct
+        self.reconstruct = search.reconstruct
         self.permute = bool(permute)
         self.calibration_samples = calibration_samples
         self.calibration_seq_len = calibration_seq_len
@@ -204,20 +221,34 @@ class OptiShearCallback(Callback):
         self.overwrite_export = overwrite_export
         self.model_attr = model_attr
         self.progress = progress
+        self.include, self.exclude = include, exclude
+        self.prune_on, self.prune_at = prune_on, int(prune_at)
+        self.verbose = int(verbose)
+        self.push_to_hub = push_to_hub
 
         self.masks: SparseMasks | None = None
         self.found = None  # SearchResult of this run (or of the checkpoint)
         self.summary: dict[str, Any] = {}
+        self.evaluation: dict[str, float] = {}  # measured results for the model card
+        self.artifacts: dict[str, str] = {}  # what was written where (printed once each)
         self._restored: dict[str, Any] | None = None
         self._hooks: list[Any] = []
+        self._calibration_source: str | None = None
+
+    @property
+    def method_name(self) -> str:
+        """The method's name: ``"optishear"``, an engine name, or the object's ``name``."""
+        return self.method if isinstance(self.method, str) else self.method.name
 
     # Configuration identity ----------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
         return {
-            "method": self.method,
+            "method": self.method_name,
             "sparsity": self.sparsity,
             "pattern": self.pattern,
             "group": self.group,
+            "include": self.include,
+            "exclude": self.exclude,
         }
 
     # Lightning hooks -----------------------------------------------------------------------
@@ -236,7 +267,7 @@ class OptiShearCallback(Callback):
         if self._restored is not None:
             self._resume(pl_module, self._restored)
             self._restored = None
-        elif self.masks is None:
+        elif self.masks is None and self.prune_on == "fit_start":
             if trainer.ckpt_path is not None:
                 rank_zero_warn(
                     f"OptiShear: the checkpoint {trainer.ckpt_path} holds no OptiShearCallback "
@@ -245,10 +276,33 @@ class OptiShearCallback(Callback):
                     "masks."
                 )
             self.prune_now(trainer, pl_module)
-        self.masks.sync_devices()
-        self.masks.apply_()
+        if self.masks is not None:
+            self.masks.sync_devices()
+            self.masks.apply_()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._register_hooks(trainer)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.prune_on == "epoch" and trainer.current_epoch >= self.prune_at:
+            self._prune_while_training(trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.prune_on == "step" and trainer.global_step >= self.prune_at:
+            self._prune_while_training(trainer, pl_module)
+
+    def _prune_while_training(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Prune once (``prune_on`` epoch/step), then keep the masks from the next step on."""
+        if self.masks is not None:
+            return
+        self.prune_now(trainer, pl_module)
+        self.masks.sync_devices()
+        self.masks.apply_()
+        self._register_hooks(trainer)
+
+    def _register_hooks(self, trainer: Trainer) -> None:
         if not self.keep_masks or self.masks is None:
             return
         self._remove_hooks()
@@ -268,14 +322,20 @@ class OptiShearCallback(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove_hooks()
-        if self.masks is not None and self.keep_masks:
+        if self.masks is None:
+            rank_zero_warn(
+                f"OptiShear: training ended before prune_on={self.prune_on!r} prune_at="
+                f"{self.prune_at} was reached; the model was not pruned (lower prune_at or "
+                "train longer)."
+            )
+        elif self.keep_masks:
             violations = self.masks.violations()
             self._log(trainer, {"optishear/final_sparsity": self.masks.sparsity()}, step=None)
             if violations:
                 rank_zero_warn(f"{violations} pruned weights are no longer zero after training.")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.export_dir is not None:
+        if self.export_dir is not None and self.masks is not None:
             self.export(trainer, pl_module)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -308,14 +368,21 @@ class OptiShearCallback(Callback):
             raise ValueError("The checkpoint's OptiShearCallback state is from another version.")
         saved = _checked_config(state_dict.get("config"))
         mine = self._config()
-        if saved["pattern"] != mine["pattern"] or not math.isclose(
-            saved["sparsity"], mine["sparsity"], abs_tol=1e-9
+        if saved["pattern"] != mine["pattern"] or not _same_sparsity(
+            saved["sparsity"], mine["sparsity"]
         ):
             raise ValueError(
                 f"The checkpoint was pruned to sparsity {saved['sparsity']} ({saved['pattern']}); "
                 f"this callback asks for {mine['sparsity']} ({mine['pattern']}). Resume with the "
                 "checkpoint's settings, or start a new run (without ckpt_path) to prune again."
             )
+        for key in ("include", "exclude"):
+            if saved.get(key) != mine[key]:
+                raise ValueError(
+                    f"The checkpoint pruned the layers selected by {key}={saved.get(key)}; this "
+                    f"callback selects {key}={mine[key]}. Resume with the checkpoint's "
+                    "selection, or start a new run (without ckpt_path) to prune again."
+                )
         self._restored = state_dict
 
     def _resume(self, pl_module: LightningModule, state: dict[str, Any]) -> None:
@@ -323,7 +390,7 @@ class OptiShearCallback(Callback):
 
         masks = SparseMasks.from_packed(pl_module, state["masks"])
         model, prefix = self._find_model(pl_module)
-        _check_resumed_masks(masks, model, prefix, state)
+        _check_resumed_masks(masks, model, prefix, state, self._layer_filter(model))
         data = state.get("search_result")
         try:
             self.found = SearchResult.from_dict(data) if data else None
@@ -335,15 +402,17 @@ class OptiShearCallback(Callback):
         self.masks = masks
         self.summary = dict(state.get("summary") or {})
         saved_method = state["config"]["method"]
-        if saved_method != self.method:
+        if saved_method != self.method_name:
             rank_zero_info(
                 f"OptiShear: the checkpoint was pruned with {saved_method!r}; its masks are kept "
-                f"and method={self.method!r} is not applied (start a new run to prune with it)."
+                f"and method={self.method_name!r} is not applied (start a new run to prune "
+                "with it)."
             )
-        rank_zero_info(
-            f"OptiShear: resumed {len(self.masks.names)} masks from the checkpoint "
-            f"(sparsity {self.masks.sparsity():.4f}); no new search."
-        )
+        if self.verbose:
+            rank_zero_info(
+                f"OptiShear: resumed {len(self.masks.names)} masks from the checkpoint "
+                f"(sparsity {self.masks.sparsity():.4f}); no new search."
+            )
 
     # Pruning -------------------------------------------------------------------------------
     def prune_now(
@@ -362,29 +431,90 @@ class OptiShearCallback(Callback):
         """
         model, prefix = self._find_model(pl_module)
         saved = self._load_search_result(model)
+        blocks_name, blocks = find_decoder_blocks(model)
+        # Per-block sparsities and the layer selection: checked now that the model is known.
+        resolve_block_sparsities(self.sparsity, len(blocks), self.pattern)
+        select = self._layer_filter(model)
         distributed = trainer.world_size > 1 and torch.distributed.is_initialized()
         result = masks = None
         if not distributed or trainer.is_global_zero:
             batches = self._calibration_batches(trainer, pl_module, model, datamodule)
-            result = self._prune_model(trainer, model, batches, saved)
+            result = self._prune_model(trainer, model, batches, saved, select)
             masks = SparseMasks.from_keep_masks(pl_module, result.masks, prefix)
         if distributed:
             masks = self._broadcast(trainer, pl_module, masks)
         self.masks = masks
-        self.summary = {
-            "method": self.method,
+        self.summary = self._summarise(result)
+        self._report(trainer, _layer_targets(result, blocks_name))
+
+    def _summarise(self, result: Any) -> dict[str, Any]:
+        """The prune summary: checkpoints carry it, exports write it as JSON."""
+        summary: dict[str, Any] = {
+            "method": self.method_name,
             "overall_sparsity": self.masks.sparsity(),
             "seconds": result.seconds if result is not None else None,
             "n_calibration_samples": result.n_calibration_samples if result is not None else None,
         }
-        self._report(trainer)
+        if result is None:  # another rank than 0: rank 0 holds the details
+            return summary
+        from .search.result import describe
 
-    def _prune_model(self, trainer: Trainer, model: nn.Module, batches: list, saved: Any) -> Any:
+        metric = self.found.metric if self.found is not None else get_method(self.method)
+        return summary | {
+            "engine_method": result.method,
+            "metric_formula": describe(metric),
+            "pattern": result.pattern,
+            "group": result.group,
+            "block_sparsity": result.block_sparsity,
+            "layer_sparsity": result.layer_sparsity,
+            "calibration_seq_len": result.calibration_seq_len,
+            "calibration_source": self._calibration_source,
+            "include": self.include,
+            "exclude": self.exclude,
+        }
+
+    def _layer_filter(self, model: nn.Module) -> Callable[[str], bool] | None:
+        """The engine's ``layers`` predicate for ``include``/``exclude`` (``None``: all).
+
+        Raises:
+            ValueError: a pattern that matches none of the model's prunable linears (a typo
+                would otherwise prune what it was meant to skip), or an empty selection.
+        """
+        if not self.include and not self.exclude:
+            return None
+        names = list(named_prunable_linears(model))
+        for kind, globs in (("include", self.include), ("exclude", self.exclude)):
+            for glob in globs or []:
+                if not any(fnmatchcase(name, glob) for name in names):
+                    raise ValueError(
+                        f"{kind} pattern {glob!r} matches none of the model's prunable linears "
+                        f"(their names look like {names[:2]}); fix the pattern."
+                    )
+
+        def select(name: str) -> bool:
+            included = not self.include or any(fnmatchcase(name, g) for g in self.include)
+            return included and not any(fnmatchcase(name, g) for g in self.exclude or [])
+
+        if not any(select(name) for name in names):
+            raise ValueError(
+                f"include={self.include} and exclude={self.exclude} leave none of the model's "
+                f"{len(names)} prunable linears to prune; select at least one."
+            )
+        return select
+
+    def _prune_model(
+        self,
+        trainer: Trainer,
+        model: nn.Module,
+        batches: list,
+        saved: Any,
+        select: Callable[[str], bool] | None,
+    ) -> Any:
         from .search import optishear_prune
 
         pattern = parse_pattern(self.pattern)
         sparsity = None if pattern.is_nm else self.sparsity
-        common = dict(batch_size=self.calibration_batch_size, progress=self.progress)
+        common = dict(batch_size=self.calibration_batch_size, progress=self._progress(trainer))
         if self.method == "optishear" or saved is not None:
             save_dir = self._save_dir(trainer)
             state_path = None
@@ -413,6 +543,7 @@ class OptiShearCallback(Callback):
                 self.group,
                 reconstruct=self.reconstruct,
                 permute=self.permute,
+                layers=select,
                 **common,
             )
         return result
@@ -442,8 +573,9 @@ class OptiShearCallback(Callback):
     def _calibration_batches(
         self, trainer: Trainer, pl_module: LightningModule, model: nn.Module, datamodule: Any
     ) -> list[torch.Tensor]:
-        needs_data = self.method == "optishear" or METHODS[self.method].needs_activations
+        needs_data = self.method == "optishear" or get_method(self.method).needs_activations
         loader, where = None, None
+        self._calibration_source = None
         datamodule = datamodule if datamodule is not None else trainer.datamodule
         for owner, name in ((pl_module, "LightningModule"), (datamodule, "datamodule")):
             fn = getattr(owner, "calibration_dataloader", None) if owner is not None else None
@@ -459,6 +591,7 @@ class OptiShearCallback(Callback):
             from .data import calibration_windows
 
             n = self.calibration_samples or 128
+            self._calibration_source = "text sampled from the model itself"
             rank_zero_info(
                 f"OptiShear: no calibration_dataloader found; sampling {n} x "
                 f"{self.calibration_seq_len} tokens of calibration text from the model itself."
@@ -480,6 +613,7 @@ class OptiShearCallback(Callback):
             raise ValueError(f"Calibration batches from {where}: {err}") from None
         if limit is not None:
             rows = rows[:limit]
+        self._calibration_source = _describe_source(where, datamodule)
         if not rows or rows[0].numel() < 2:
             raise ValueError(
                 f"{where} yielded no usable tokens: it must yield token ids shaped "
@@ -515,6 +649,11 @@ class OptiShearCallback(Callback):
         return masks if masks is not None else SparseMasks.from_packed(pl_module, payload["masks"])
 
     # Outputs -------------------------------------------------------------------------------
+    def _progress(self, trainer: Trainer) -> bool:
+        if self.progress is not None:
+            return self.progress
+        return trainer.progress_bar_callback is not None and trainer.is_global_zero
+
     def _save_dir(self, trainer: Trainer) -> Path:
         if self.save_dir is not None:
             return Path(self.save_dir)
@@ -523,53 +662,147 @@ class OptiShearCallback(Callback):
         return Path(dirpath) if dirpath else Path(trainer.default_root_dir)
 
     @rank_zero_only
-    def _report(self, trainer: Trainer) -> None:
+    def _report(self, trainer: Trainer, layer_targets: Mapping[str, float]) -> None:
         """Log the search and the prune; save the SearchResult beside the checkpoints."""
         if self.found is not None:
-            trials = [h for h in self.found.history if "error" in h]
-            best = math.inf
-            for step, entry in enumerate(trials):
-                within = entry["sparsity_gap"] <= self.search.tolerance
-                best = min(best, entry["error"]) if within else best
-                metrics = {
-                    "optishear/trial_objective": entry["error"],
-                    "optishear/trial_sparsity_gap": entry["sparsity_gap"],
-                }
-                if math.isfinite(best):
-                    metrics["optishear/best_objective"] = best
-                self._log(trainer, metrics, step=step)
-            for i, finalist in enumerate(self.found.finalists):
-                self._log(trainer, {"optishear/finalist_validation": finalist["validation"]}, i)
-            ratios = {f"optishear/ratio_block_{i:02d}": r for i, r in enumerate(self.found.ratios)}
-            self._log(trainer, ratios, step=None)
+            self._log_search(trainer)
             save_dir = self._save_dir(trainer)
             save_dir.mkdir(parents=True, exist_ok=True)
-            self.found.save(save_dir / SEARCH_FILE)
+            self._announce("search result", self.found.save(save_dir / SEARCH_FILE))
+            if (save_dir / STATE_FILE).is_file():
+                self._announce("search state", save_dir / STATE_FILE)
             if self.save_plots:
                 from .search import save_plots
 
-                save_plots(self.found, save_dir / "optishear_plots")
-            rank_zero_info(f"OptiShear: search result saved to {save_dir / SEARCH_FILE}")
+                paths = save_plots(self.found, save_dir / PLOTS_DIR)
+                self._announce("plots", save_dir / PLOTS_DIR)
+                images = {f"optishear/{path.stem}": path for path in paths}
+                log_images(trainer.loggers, images, trainer.global_step)
         self._log(trainer, {"optishear/sparsity": self.summary["overall_sparsity"]}, step=None)
-        rank_zero_info(
-            f"OptiShear: pruned with {self.method} to sparsity "
-            f"{self.summary['overall_sparsity']:.4f} ({self.pattern})."
-        )
+        if self.verbose:
+            rank_zero_info(
+                f"OptiShear: pruned with {self.method_name} to sparsity "
+                f"{self.summary['overall_sparsity']:.4f} ({self.pattern})."
+            )
+        if self.verbose >= 2:
+            self._report_layers(trainer, layer_targets)
+
+    def _log_search(self, trainer: Trainer) -> None:
+        """Every evaluated candidate, every finalist and the chosen ratios, to the loggers."""
+        trials = [h for h in self.found.history if "error" in h]
+        best = math.inf
+        for step, entry in enumerate(trials):
+            within = entry["sparsity_gap"] <= self.search.tolerance
+            best = min(best, entry["error"]) if within else best
+            metrics = {
+                "optishear/trial_objective": entry["error"],
+                "optishear/trial_sparsity_gap": entry["sparsity_gap"],
+            }
+            if math.isfinite(best):
+                metrics["optishear/best_objective"] = best
+            self._log(trainer, metrics, step=step)
+        for i, finalist in enumerate(self.found.finalists):
+            self._log(trainer, {"optishear/finalist_validation": finalist["validation"]}, i)
+        ratios = {f"optishear/ratio_block_{i:02d}": r for i, r in enumerate(self.found.ratios)}
+        self._log(trainer, ratios, step=None)
+
+    def _report_layers(self, trainer: Trainer, layer_targets: Mapping[str, float]) -> None:
+        """verbose=2: the per-layer table, and per-layer sparsity in the loggers."""
+        achieved = {
+            name.removesuffix(".weight"): value
+            for name, value in (self.summary.get("layer_sparsity") or {}).items()
+        }
+        targets = {name.removesuffix(".weight"): v for name, v in layer_targets.items()}
+        title = f"OptiShear: per-layer sparsity ({self.summary.get('metric_formula')})"
+        method = str(self.summary.get("engine_method", self.method_name))
+        print_rich([layer_table(title, method, targets, achieved)])
+        per_layer = {f"optishear/sparsity/{name}": value for name, value in achieved.items()}
+        self._log(trainer, per_layer, step=None)
+
+    def _announce(self, what: str, path: str | Path) -> None:
+        """Record where an artifact went; print it the first time (verbose >= 1, rank 0)."""
+        path = str(path)
+        if self.artifacts.get(what) == path:
+            return
+        self.artifacts[what] = path
+        if self.verbose:
+            rank_zero_info(f"OptiShear: {what} written to {path}")
 
     @staticmethod
     def _log(trainer: Trainer, metrics: dict[str, float], step: int | None) -> None:
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step if step is not None else trainer.global_step)
+        log_metrics(trainer.loggers, metrics, step if step is not None else trainer.global_step)
 
     def export(self, trainer: Trainer, pl_module: LightningModule) -> Path | None:
-        """Write the pruned model with ``save_pretrained`` to ``export_dir`` (rank 0 only)."""
+        """Write the pruned model to ``export_dir`` (rank 0 only); upload it if ``push_to_hub``.
+
+        The export is ``save_pretrained`` output (safetensors, ``use_cache`` restored), the
+        tokenizer when the LightningModule has one, ``optishear_prune.json`` (the prune
+        summary) and a model card ``README.md`` (see :mod:`.model_card`).
+
+        Returns:
+            The export directory (``None`` on other ranks or without ``export_dir``).
+        """
         if self.export_dir is None or not trainer.is_global_zero:
             return None
         model, _ = self._find_model(pl_module)
         tokenizer = getattr(pl_module, "tokenizer", None)
-        out = save_pruned_model(model, self.export_dir, tokenizer, None, self.overwrite_export)
-        rank_zero_info(f"OptiShear: pruned model written to {out}")
+        out = save_pruned_model(
+            model,
+            self.export_dir,
+            tokenizer,
+            None,
+            self.overwrite_export,
+            card=self._card(trainer),
+            summary=self.summary | {"config": self._config()},
+        )
+        self._announce("pruned model", out)
+        if self.push_to_hub:
+            self._upload(out)
         return out
+
+    def _card(self, trainer: Trainer) -> dict[str, Any]:
+        """Model card fields the callback knows beyond the model (see :mod:`.model_card`)."""
+        evaluation = dict(self.evaluation)
+        if not evaluation and trainer.state.fn == "fit":
+            evaluation = {
+                f"{key} (last validation of fit, step {trainer.global_step})": float(value)
+                for key, value in trainer.callback_metrics.items()
+                if key.startswith(("val/", "test/")) and value.numel() == 1
+            }
+        card: dict[str, Any] = {
+            "method": self.method_name,
+            "evaluation": evaluation,
+            "calibration": {
+                "samples": self.summary.get("n_calibration_samples"),
+                "seq_len": self.summary.get("calibration_seq_len"),
+                "source": self.summary.get("calibration_source"),
+            },
+            "target_sparsity": self.summary.get("block_sparsity"),
+        }
+        if self.summary.get("metric_formula"):
+            card["metric_formula"] = self.summary["metric_formula"]
+        if self.include or self.exclude:
+            card["layers"] = f"include {self.include or ['*']}, exclude {self.exclude or []}"
+        if self.push_to_hub:
+            card["repo_id"] = self.push_to_hub
+        return card
+
+    def _upload(self, folder: Path) -> str:
+        """Upload ``folder`` to the Hub repo ``push_to_hub`` with huggingface_hub's own API."""
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(self.push_to_hub, repo_type="model", exist_ok=True)
+        api.upload_folder(
+            repo_id=self.push_to_hub,
+            folder_path=str(folder),
+            repo_type="model",
+            commit_message=f"Upload a model pruned with optishear-lightning ({self.method_name})",
+            ignore_patterns=[EXPORT_MARKER],
+        )
+        url = f"https://huggingface.co/{self.push_to_hub}"
+        self._announce("Hub upload", url)
+        return url
 
     # Model discovery -----------------------------------------------------------------------
     def _find_model(self, pl_module: LightningModule) -> tuple[nn.Module, str]:
@@ -601,7 +834,9 @@ def _checked_config(config: Any) -> dict[str, Any]:
     if not isinstance(config, dict) or not {"method", "sparsity", "pattern"} <= set(config):
         raise ValueError(f"The checkpoint's OptiShearCallback state has no valid config; {fix}.")
     try:
-        sparsity = float(config["sparsity"])
+        value = config["sparsity"]
+        is_list = isinstance(value, (list, tuple))
+        sparsity = [float(v) for v in value] if is_list else float(value)
     except (TypeError, ValueError):
         raise ValueError(
             f"The checkpoint's OptiShearCallback config has sparsity {config['sparsity']!r}, "
@@ -611,13 +846,20 @@ def _checked_config(config: Any) -> dict[str, Any]:
 
 
 def _check_resumed_masks(
-    masks: SparseMasks, model: nn.Module, prefix: str, state: dict[str, Any]
+    masks: SparseMasks,
+    model: nn.Module,
+    prefix: str,
+    state: dict[str, Any],
+    select: Callable[[str], bool] | None = None,
 ) -> None:
-    """Refuse masks that do not match what was saved: a missing layer, flipped bits, or
-    weights that are not zero where a mask prunes (while masks were being kept)."""
-    from .models import named_prunable_linears
-
-    expected = {f"{prefix}{name}.weight" for name in named_prunable_linears(model)}
+    """Refuse masks that do not match what was saved: a missing layer (of those ``select``
+    picks), flipped bits, or weights that are not zero where a mask prunes (while masks were
+    being kept)."""
+    expected = {
+        f"{prefix}{name}.weight"
+        for name in named_prunable_linears(model)
+        if select is None or select(name)
+    }
     missing = sorted(expected - set(masks.names))
     fix = "the checkpoint is corrupted; resume from another one or start a new run"
     if missing:
@@ -640,3 +882,177 @@ def _check_resumed_masks(
                 f"{violations} weights that the checkpoint's masks prune are not zero: the "
                 f"masks do not belong to these weights; {fix}."
             )
+
+
+# Argument checks (``__init__``) ------------------------------------------------------------
+def _check_method(method: Any) -> str | PruningMethod:
+    """A method name (lower case) or a ``PruningMethod`` object, or a clear error."""
+    if isinstance(method, PruningMethod):
+        return method
+    if not isinstance(method, str):
+        raise ValueError(
+            f"method must be a name ('optishear', {sorted(METHODS)}) or a PruningMethod such "
+            f"as a MetaMetric, not {type(method).__name__}."
+        )
+    method = method.lower()
+    if method != "optishear" and method not in METHODS:
+        raise ValueError(
+            f"Unknown pruning method {method!r}; choose 'optishear' or one of "
+            f"{sorted(METHODS)}, or pass a PruningMethod (a MetaMetric)."
+        )
+    return method
+
+
+def _check_sparsity(
+    sparsity: Any, pat: Any, method: str | PruningMethod, search_result: str | None
+) -> float | list[float]:
+    """One ratio, or one per block (a ``{block: ratio}`` mapping becomes a list)."""
+    per_block = isinstance(sparsity, (list, tuple, Mapping))
+    if pat.is_nm:
+        if per_block or (sparsity is not None and abs(float(sparsity) - pat.sparsity) > 1e-9):
+            raise ValueError(
+                f"The {pat} pattern fixes sparsity at {pat.sparsity:g}; set sparsity to "
+                "null/None (or to that value)."
+            )
+        return pat.sparsity
+    if sparsity is None:
+        raise ValueError("Unstructured pruning needs a sparsity, e.g. sparsity: 0.5.")
+    if not per_block:
+        return validate_sparsity(sparsity, "sparsity")
+    if method == "optishear" or search_result is not None:
+        raise ValueError(
+            "Per-block sparsities are for engine methods; the OptiShear search (and a saved "
+            "search) chooses the per-block ratios itself: give one target, e.g. sparsity: 0.5."
+        )
+    if isinstance(sparsity, Mapping):
+        keys = sorted(_block_key(k) for k in sparsity)
+        if keys != list(range(len(keys))):
+            raise ValueError(
+                f"A {{block: ratio}} sparsity must name blocks 0, 1, 2... without gaps (every "
+                f"block of the model); got blocks {keys}."
+            )
+        sparsity = [sparsity[k] for k in sorted(sparsity, key=_block_key)]
+    if not sparsity:
+        raise ValueError("sparsity is an empty list; give one ratio per decoder block.")
+    return [validate_sparsity(v, f"sparsity of block {i}") for i, v in enumerate(sparsity)]
+
+
+def _block_key(key: Any) -> int:
+    text = str(key).strip()
+    if isinstance(key, bool) or not text.isdigit():
+        raise ValueError(f"Per-block sparsity keys are block indices 0, 1, ...; got {key!r}.")
+    return int(text)
+
+
+def _check_search(
+    search: SearchConfig | Mapping | None, reconstruct: Any, permute: bool, pat: Any
+) -> SearchConfig:
+    """The search settings with the callback's ``reconstruct`` and ``permute`` (set once)."""
+    search = search if search is not None else SearchConfig()
+    if isinstance(search, Mapping):  # a mapping from Python or an older YAML loader
+        search = SearchConfig(**search)
+    reconstruct = check_reconstruction(reconstruct)
+    if search.reconstruct is not None and search.reconstruct != reconstruct:
+        raise ValueError(
+            f"reconstruct is set on the search ({search.reconstruct!r}) and on the callback "
+            f"({reconstruct!r}); set it once, as the callback's reconstruct."
+        )
+    if permute and not pat.is_nm:
+        raise ValueError(
+            "permute arranges input channels for N:M groups; with an unstructured pattern "
+            "it has nothing to do: set pattern to '2:4' (or another N:M) or permute to false."
+        )
+    if search.permute and not permute:
+        raise ValueError("permute is set on the search; set it once, as the callback's permute.")
+    return search.replace(reconstruct=reconstruct, permute=bool(permute))
+
+
+def _check_globs(name: str, globs: Any) -> list[str] | None:
+    if globs is None:
+        return None
+    if isinstance(globs, str):
+        globs = [globs]
+    globs = list(globs)
+    if not globs or not all(isinstance(g, str) and g.strip() for g in globs):
+        raise ValueError(
+            f"{name} must be a list of module-name patterns such as ['*.mlp.*'], got {globs!r}."
+        )
+    return globs
+
+
+def _check_schedule(prune_on: str, prune_at: Any, verbose: Any) -> None:
+    if prune_on not in ("fit_start", "epoch", "step"):
+        raise ValueError(f"prune_on must be 'fit_start', 'epoch' or 'step', got {prune_on!r}.")
+    if isinstance(prune_at, bool) or not isinstance(prune_at, int) or prune_at < 0:
+        raise ValueError(f"prune_at must be an integer >= 0, got {prune_at!r}.")
+    if prune_on == "fit_start" and prune_at:
+        raise ValueError(
+            f"prune_at={prune_at} needs prune_on='epoch' or 'step' (fit_start prunes before "
+            "the first step)."
+        )
+    if verbose not in (0, 1, 2):
+        raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}.")
+
+
+def _check_calibration(samples: int | None, seq_len: int, batch_size: int) -> None:
+    for name, value, low in (
+        ("calibration_seq_len", seq_len, 2),
+        ("calibration_batch_size", batch_size, 1),
+    ):
+        if int(value) < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}.")
+    if samples is not None and samples < 1:
+        raise ValueError("calibration_samples must be None (all) or >= 1.")
+
+
+def _check_hub(repo_id: str | None, export_dir: str | None) -> None:
+    if repo_id is None:
+        return
+    if export_dir is None:
+        raise ValueError(
+            "push_to_hub uploads the export: set export_dir too (the folder to write and upload)."
+        )
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(
+            f"push_to_hub={repo_id!r} is not a Hub repo id (user/name): {err}"
+        ) from None
+    if "/" not in repo_id:
+        raise ValueError(f"push_to_hub={repo_id!r}: give the repo id as 'user/name'.")
+
+
+# Helpers -----------------------------------------------------------------------------------
+def _same_sparsity(a: float | Sequence[float], b: float | Sequence[float]) -> bool:
+    """Whether two sparsity settings ask for the same ratios (a scalar matches a list of it)."""
+    a_list = list(a) if isinstance(a, (list, tuple)) else None
+    b_list = list(b) if isinstance(b, (list, tuple)) else None
+    if a_list is None and b_list is None:
+        return math.isclose(float(a), float(b), abs_tol=1e-9)
+    a_list = a_list if a_list is not None else [float(a)] * len(b_list)
+    b_list = b_list if b_list is not None else [float(b)] * len(a_list)
+    return len(a_list) == len(b_list) and all(
+        math.isclose(float(x), float(y), abs_tol=1e-9) for x, y in zip(a_list, b_list, strict=True)
+    )
+
+
+def _layer_targets(result: Any, blocks_name: str) -> dict[str, float]:
+    """Each pruned weight's target ratio (its block's), by the engine's weight name."""
+    if result is None:
+        return {}
+    out = {}
+    for name in result.layer_sparsity:
+        index = int(name[len(blocks_name) + 1 :].split(".", 1)[0])
+        out[name] = result.block_sparsity[index]
+    return out
+
+
+def _describe_source(where: str | None, datamodule: Any) -> str | None:
+    """The calibration source for the model card: the datamodule's data name, if it has one."""
+    hparams = getattr(datamodule, "hparams", None)
+    data = hparams.get("calibration_data") if isinstance(hparams, Mapping) else None
+    if where and "datamodule" in where and isinstance(data, str):
+        return data
+    return where

@@ -16,6 +16,13 @@ Hub), a local file whose path the caller passes (nothing here assumes any partic
 directory exists), in-memory text or tokens, or -- for calibration only -- ``"self"``: text
 sampled from the model itself, for data-free calibration.
 
+Windows cut from one token stream start with BOS only where the stream does. Families that need
+a BOS token at the start of every sequence (Gemma; see
+:func:`~optishear_lightning.models.needs_bos_per_window`) get ``[BOS] + seq_len - 1`` stream
+tokens per window instead: the ``bos_per_window`` setting of :func:`calibration_windows` and
+:func:`evaluation_windows`, on by default for those families only, so the published LLaMA
+protocol is unchanged.
+
 Local files:
 
 * ``.jsonl`` (optionally ``.jsonl.gz``), ``.json`` (a list of objects or strings, or JSON lines;
@@ -32,11 +39,13 @@ import json
 import os
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .models import eval_mode, model_bos_token_id, model_device, resolve_bos_per_window
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -46,9 +55,12 @@ __all__ = [
     "DOCUMENT_SUFFIXES",
     "EVALUATION_SOURCES",
     "STREAM_SUFFIXES",
+    "batch_token_ids",
     "calibration_windows",
     "check_source",
+    "encode_text",
     "evaluation_tokens",
+    "evaluation_windows",
 ]
 
 #: Names :func:`calibration_windows` accepts besides local paths, tensors and lists of text.
@@ -93,6 +105,7 @@ def calibration_windows(
     *,
     text_field: str = "text",
     generation_batch_size: int = 8,
+    bos_per_window: bool | None = None,
 ) -> torch.Tensor:
     """Draw calibration windows the way Wanda / SparseGPT do.
 
@@ -107,6 +120,11 @@ def calibration_windows(
     For ``"wikitext2"`` the train rows are joined with ``" "`` as in the published code (the
     test split, used for perplexity, is joined with ``"\\n\\n"``).
 
+    With ``bos_per_window`` on, a leading BOS the tokenizer put in front of a document (or the
+    stream) is dropped, the same sampling runs with windows of ``seq_len - 1`` tokens, and each
+    window gets the tokenizer's BOS in front: ``[BOS] + seq_len - 1`` text tokens, still
+    ``seq_len`` long. Off, the windows are exactly the published code's.
+
     ``"self"`` / ``"generated"`` (or ``None``) is data-free calibration in the style of LLM-QAT
     (Liu et al., 2023): each window is text the model samples from its own distribution, starting
     from the BOS token, with plain multinomial sampling (``top_k=0``, ``top_p=1``,
@@ -114,6 +132,8 @@ def calibration_windows(
     ends early. Sampling is seeded with ``seed`` inside a forked RNG, so it is deterministic for
     a given seed, ``generation_batch_size``, model and device, and leaves the caller's global
     RNG state alone. The model is put in eval mode for the duration and restored afterwards.
+    These windows start with BOS whatever ``bos_per_window`` says (on, it only checks that the
+    model or tokenizer has a BOS token).
 
     The random module is used through a private ``random.Random(seed)``, which produces the same
     numbers as ``random.seed(seed)`` followed by module-level calls but does not disturb the
@@ -123,17 +143,21 @@ def calibration_windows(
         source: A name from :data:`CALIBRATION_SOURCES`, a local file path (see the module
             docstring), a list of document strings, a ``datasets.Dataset`` with a
             ``text_field`` column, an already tokenised 2-D integer tensor (returned as is,
-            ``n_samples``/``seq_len`` are not applied to it), or ``None`` for ``"self"``. A bare
-            string that matches a known name is the name even if a file of that name exists in
-            the working directory; write ``"./c4"`` or pass a :class:`~pathlib.Path` to mean the
-            file.
+            ``n_samples``/``seq_len``/``bos_per_window`` are not applied to it), or ``None`` for
+            ``"self"``. A bare string that matches a known name is the name even if a file of
+            that name exists in the working directory; write ``"./c4"`` or pass a
+            :class:`~pathlib.Path` to mean the file.
         tokenizer: Tokenizer used for text sources; may be ``None`` for tensors and ``"self"``.
         n_samples: Number of windows.
         seq_len: Tokens per window.
         seed: Seed of the window sampler (and of generation for ``"self"``).
-        model: Causal LM with ``generate``; required for ``"self"``, ignored otherwise.
+        model: Causal LM; required for ``"self"`` (it needs ``generate``). For other sources it
+            only supplies the family default of ``bos_per_window``.
         text_field: Field/column holding the text in local document files and datasets.
         generation_batch_size: Sequences generated at once for ``"self"``.
+        bos_per_window: Start every window with BOS. ``None`` (default) follows the model's
+            family (:func:`~optishear_lightning.models.needs_bos_per_window`; off without a
+            model).
 
     Returns:
         A ``torch.long`` tensor of shape ``(n_samples, seq_len)`` on the CPU (a tensor source is
@@ -141,8 +165,9 @@ def calibration_windows(
 
     Raises:
         ValueError: For an unknown name, an empty source, a source with no document (or a stream)
-            longer than ``seq_len`` tokens, a directory or unsupported file type, or invalid
-            ``n_samples``/``seq_len``/``generation_batch_size``.
+            longer than ``seq_len`` tokens, a directory or unsupported file type, invalid
+            ``n_samples``/``seq_len``/``generation_batch_size``, or ``bos_per_window`` on (set
+            or by default) with a tokenizer that has no BOS token.
         FileNotFoundError: For a path-like string that does not exist.
     """
     if isinstance(source, torch.Tensor):
@@ -153,35 +178,33 @@ def calibration_windows(
 
     if source is None:
         source = "self"
-    if isinstance(source, (str, os.PathLike)):
-        kind, resolved = _resolve(source, CALIBRATION_SOURCES)
-        if kind == "name":
-            if resolved in ("self", "generated"):
-                return _generated_windows(
-                    model, tokenizer, n_samples, seq_len, seed, generation_batch_size
-                )
-            tok = _require_tokenizer(tokenizer, f"source {resolved!r}")
-            if resolved == "c4":
-                docs = _Column(_load_c4("train", _C4_TRAIN_FILE), "text")
-                return _document_windows(docs, tok, n_samples, seq_len, seed)
-            # Wanda/SparseGPT join the train rows with " " here (not "\n\n" as for the test split).
-            text = " ".join(_hf_texts(resolved, "train"))
-            return _stream_windows(_encode(tok, text), n_samples, seq_len, seed)
-        tok = _require_tokenizer(tokenizer, f"file {resolved}")
-        path = Path(resolved)
-        if _is_stream_file(path):
-            text = _read_text(path)
-            if not text:
-                raise ValueError(f"{path} is empty; give a file with text in it.")
-            return _stream_windows(_encode(tok, text), n_samples, seq_len, seed)
-        docs = _read_documents(path, text_field)
-        if len(docs) == 0:
-            raise ValueError(f"{path} holds no documents; give a file with at least one record.")
-        return _document_windows(docs, tok, n_samples, seq_len, seed)
-
-    docs = _as_documents(source, text_field)
-    tok = _require_tokenizer(tokenizer, "a list of documents")
-    return _document_windows(docs, tok, n_samples, seq_len, seed)
+    if not isinstance(source, (str, os.PathLike)):
+        docs = _as_documents(source, text_field)
+        tok = _require_tokenizer(tokenizer, "a list of documents")
+        return _Sampler(tok, n_samples, seq_len, seed, model, bos_per_window).documents(docs)
+    kind, resolved = _resolve(source, CALIBRATION_SOURCES)
+    if kind == "name" and resolved in ("self", "generated"):
+        return _generated_windows(
+            model, tokenizer, n_samples, seq_len, seed, generation_batch_size, bos_per_window
+        )
+    what = f"source {resolved!r}" if kind == "name" else f"file {resolved}"
+    tok = _require_tokenizer(tokenizer, what)
+    sample = _Sampler(tok, n_samples, seq_len, seed, model, bos_per_window)
+    if kind == "name":
+        if resolved == "c4":
+            return sample.documents(_Column(_load_c4("train", _C4_TRAIN_FILE), "text"))
+        # Wanda/SparseGPT join the train rows with " " here (not "\n\n" as for the test split).
+        return sample.stream(" ".join(_hf_texts(resolved, "train")))
+    path = Path(resolved)
+    if _is_stream_file(path):
+        text = _read_text(path)
+        if not text:
+            raise ValueError(f"{path} is empty; give a file with text in it.")
+        return sample.stream(text)
+    docs = _read_documents(path, text_field)
+    if len(docs) == 0:
+        raise ValueError(f"{path} holds no documents; give a file with at least one record.")
+    return sample.documents(docs)
 
 
 def evaluation_tokens(
@@ -243,7 +266,7 @@ def evaluation_tokens(
             raise ValueError("Give either `source` or `text=`, not both.")
         if not text:
             raise ValueError("`text` is empty; give the text to evaluate on.")
-        ids = _encode(_require_tokenizer(tokenizer, "text="), text)
+        ids = encode_text(_require_tokenizer(tokenizer, "text="), text)
         return _truncate(ids, max_tokens)
     if source is None:
         raise ValueError(
@@ -267,7 +290,7 @@ def evaluation_tokens(
                 joined = " ".join(dataset[:max_docs]["text"])
                 if max_tokens is None:
                     max_tokens = 256 * seq_len
-            return _truncate(_encode(tok, joined), max_tokens)
+            return _truncate(encode_text(tok, joined), max_tokens)
         tok = _require_tokenizer(tokenizer, f"file {resolved}")
         path = Path(resolved)
         if _is_stream_file(path):
@@ -276,14 +299,74 @@ def evaluation_tokens(
             joined = " ".join(_read_documents(path, text_field, limit=max_docs))
         if not joined:
             raise ValueError(f"{path} holds no text; give a file with text in it.")
-        return _truncate(_encode(tok, joined), max_tokens)
+        return _truncate(encode_text(tok, joined), max_tokens)
 
     docs = _as_documents(source, text_field)
     tok = _require_tokenizer(tokenizer, "a list of documents")
     joined = " ".join(docs[i] for i in range(min(len(docs), max_docs)))
     if not joined:
         raise ValueError("The documents hold no text; give non-empty documents.")
-    return _truncate(_encode(tok, joined), max_tokens)
+    return _truncate(encode_text(tok, joined), max_tokens)
+
+
+def evaluation_windows(
+    tokens: torch.Tensor,
+    seq_len: int,
+    max_windows: int | None = None,
+    bos_token_id: int | None = None,
+) -> torch.Tensor:
+    """Cut an evaluation token stream into the windows perplexity is measured on.
+
+    Without ``bos_token_id``, the literature's protocol: ``n = N // seq_len`` consecutive,
+    non-overlapping windows of ``seq_len`` tokens, the remainder dropped.
+
+    With ``bos_token_id`` (the ``bos_per_window`` setting, on): a BOS at the very start of the
+    stream is dropped, and window ``i`` is ``[BOS]`` followed by the stream's tokens
+    ``i * (seq_len - 1)`` to ``(i + 1) * (seq_len - 1) - 1``. Windows stay ``seq_len`` long and
+    share no text token, so every text token they cover is a next-token target exactly once and
+    the BOS never is. There are as many windows as without BOS, so perplexity scores the same
+    number of tokens, ``n * (seq_len - 1)``, either way.
+
+    Args:
+        tokens: The token ids of the whole text, shape ``(N,)`` or ``(1, N)``.
+        seq_len: Window length in tokens.
+        max_windows: Keep only the first this many windows (C4 protocol: 256).
+        bos_token_id: The BOS id to start every window with, or ``None`` for plain windows.
+
+    Returns:
+        A ``torch.long`` tensor of shape ``(n_windows, seq_len)``.
+
+    Raises:
+        ValueError: If ``seq_len < 2``, ``max_windows < 1``, ``tokens`` is not one sequence, or
+            the text is shorter than one window.
+    """
+    if seq_len < 2:
+        raise ValueError(
+            f"seq_len must be at least 2 to have a next token to predict, got {seq_len}"
+        )
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be None or at least 1, got {max_windows}")
+    if tokens.dim() == 2 and tokens.shape[0] == 1:
+        tokens = tokens[0]
+    if tokens.dim() != 1:
+        raise ValueError(
+            "input_ids must be one token sequence of shape (N,) or (1, N), "
+            f"got {tuple(tokens.shape)}"
+        )
+    n_windows = tokens.numel() // seq_len
+    if n_windows == 0:
+        raise ValueError(
+            f"the text has {tokens.numel()} tokens, fewer than one window of seq_len={seq_len}; "
+            "pass a smaller seq_len or a longer text"
+        )
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if bos_token_id is None:
+        return tokens[: n_windows * seq_len].reshape(n_windows, seq_len).long()
+    body_len = seq_len - 1
+    # n * seq_len <= N, so n * (seq_len - 1) <= N - n: the stream still holds every window.
+    body = _strip_bos(tokens, bos_token_id)[: n_windows * body_len]
+    return _with_bos(body.reshape(n_windows, body_len), bos_token_id).long()
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,73 +374,110 @@ def evaluation_tokens(
 # --------------------------------------------------------------------------------------------
 
 
-def _document_windows(
-    docs: Sequence[str],
-    tokenizer: PreTrainedTokenizerBase,
-    n_samples: int,
-    seq_len: int,
-    seed: int,
-) -> torch.Tensor:
-    """Wanda's ``get_c4`` loop over ``docs``, with a guard against sources too short to finish."""
-    n_docs = len(docs)
-    # Token ids of documents long enough to hold a window, None for those that are not. Caching
-    # changes no random call (tokenisation is deterministic) but saves re-tokenising documents
-    # the loop draws again, and lets the pre-scan's work be reused.
-    cache: dict[int, torch.Tensor | None] = {}
-    longest = 0
+class _Sampler:
+    """Wanda's window sampling (``get_c4`` / ``get_wikitext2``), optionally a BOS per window.
 
-    def long_enough(i: int) -> torch.Tensor | None:
-        nonlocal longest
-        if i not in cache:
-            ids = _encode(tokenizer, _document_text(docs, i))
-            longest = max(longest, ids.numel())
-            cache[i] = ids if ids.numel() > seq_len else None
-        return cache[i]
+    The ``bos_per_window`` setting is resolved when the sampler is built, before any text is
+    read or tokenised, so a tokenizer without a BOS token fails at once.
+    """
 
-    # Without this scan the rejection loop below would spin forever when no document qualifies.
-    # It stops at the first long-enough document, which for real corpora is among the first few.
-    if not any(long_enough(i) is not None for i in range(n_docs)):
-        raise ValueError(
-            f"No document is longer than seq_len={seq_len} tokens (the longest of {n_docs} has "
-            f"{longest}); lower seq_len or give longer text."
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        n_samples: int,
+        seq_len: int,
+        seed: int,
+        model: torch.nn.Module | None,
+        bos_per_window: bool | None,
+    ) -> None:
+        self.bos_id = resolve_bos_per_window(
+            bos_per_window,
+            model,
+            getattr(tokenizer, "bos_token_id", None),
+            bos_from=f"the tokenizer ({type(tokenizer).__name__})",
         )
+        self.tokenizer = tokenizer
+        self.n_samples = n_samples
+        self.seq_len = seq_len
+        self.seed = seed
+        # Text tokens per window: one position goes to the BOS when there is one per window.
+        self.body_len = seq_len - (self.bos_id is not None)
 
-    rng = random.Random(seed)
-    windows = []
-    used: set[int] = set()
-    for _ in range(n_samples):
-        while True:
-            index = rng.randint(0, n_docs - 1)
-            ids = long_enough(index)
-            if ids is not None:
-                break
-        used.add(index)
-        start = rng.randint(0, ids.numel() - seq_len - 1)
-        windows.append(ids[start : start + seq_len])
-    if len(used) < n_samples / 2:
-        # The papers sample 128 windows from hundreds of thousands of C4 documents; a small
-        # local slice gives windows that overlap heavily, which is worth knowing.
-        warnings.warn(
-            f"Only {len(used)} distinct documents longer than seq_len={seq_len} provided the "
-            f"{n_samples} calibration windows; give more (or longer) documents for a "
-            "calibration set as diverse as the literature's.",
-            stacklevel=3,
-        )
-    return torch.stack(windows)
+    def encode(self, text: str) -> torch.Tensor:
+        ids = encode_text(self.tokenizer, text)
+        # The tokenizer's own BOS in front of the text would be a second one in the first window.
+        return _strip_bos(ids, self.bos_id)
 
+    def window(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        return _with_bos(ids[start : start + self.body_len], self.bos_id)
 
-def _stream_windows(ids: torch.Tensor, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """Wanda's ``get_wikitext2`` sampling of random windows from one token stream."""
-    n_tokens = ids.numel()
-    # randint(0, n - seq_len - 1) needs n > seq_len; the published code never uses the last token.
-    if n_tokens <= seq_len:
-        raise ValueError(
-            f"The text has {n_tokens} tokens, not more than seq_len={seq_len}; lower seq_len or "
-            "give longer text."
-        )
-    rng = random.Random(seed)
-    starts = [rng.randint(0, n_tokens - seq_len - 1) for _ in range(n_samples)]
-    return torch.stack([ids[s : s + seq_len] for s in starts])
+    def too_short(self) -> str:
+        if self.bos_id is None:
+            return f"seq_len={self.seq_len}"
+        return f"{self.body_len} (seq_len={self.seq_len} less the BOS each window starts with)"
+
+    def documents(self, docs: Sequence[str]) -> torch.Tensor:
+        """Wanda's ``get_c4`` loop over ``docs``, with a guard against sources too short."""
+        n_docs = len(docs)
+        # Token ids of documents long enough to hold a window, None for those that are not.
+        # Caching changes no random call (tokenisation is deterministic) but saves re-tokenising
+        # documents the loop draws again, and lets the pre-scan's work be reused.
+        cache: dict[int, torch.Tensor | None] = {}
+        longest = 0
+
+        def long_enough(i: int) -> torch.Tensor | None:
+            nonlocal longest
+            if i not in cache:
+                ids = self.encode(_document_text(docs, i))
+                longest = max(longest, ids.numel())
+                cache[i] = ids if ids.numel() > self.body_len else None
+            return cache[i]
+
+        # Without this scan the rejection loop below would spin forever when no document
+        # qualifies. It stops at the first long-enough document, which for real corpora is
+        # among the first few.
+        if not any(long_enough(i) is not None for i in range(n_docs)):
+            raise ValueError(
+                f"No document is longer than {self.too_short()} tokens (the longest of {n_docs} "
+                f"has {longest}); lower seq_len or give longer text."
+            )
+
+        rng = random.Random(self.seed)
+        windows = []
+        used: set[int] = set()
+        for _ in range(self.n_samples):
+            while True:
+                index = rng.randint(0, n_docs - 1)
+                ids = long_enough(index)
+                if ids is not None:
+                    break
+            used.add(index)
+            windows.append(self.window(ids, rng.randint(0, ids.numel() - self.body_len - 1)))
+        if len(used) < self.n_samples / 2:
+            # The papers sample 128 windows from hundreds of thousands of C4 documents; a small
+            # local slice gives windows that overlap heavily, which is worth knowing.
+            warnings.warn(
+                f"Only {len(used)} distinct documents longer than seq_len={self.seq_len} "
+                f"provided the {self.n_samples} calibration windows; give more (or longer) "
+                "documents for a calibration set as diverse as the literature's.",
+                stacklevel=3,
+            )
+        return torch.stack(windows)
+
+    def stream(self, text: str) -> torch.Tensor:
+        """Wanda's ``get_wikitext2`` sampling of random windows from one token stream."""
+        ids = self.encode(text)
+        n_tokens = ids.numel()
+        # randint(0, n - seq_len - 1) needs n > seq_len; the published code never uses the last
+        # token.
+        if n_tokens <= self.body_len:
+            raise ValueError(
+                f"The text has {n_tokens} tokens, not more than {self.too_short()}; lower "
+                "seq_len or give longer text."
+            )
+        rng = random.Random(self.seed)
+        starts = [rng.randint(0, n_tokens - self.body_len - 1) for _ in range(self.n_samples)]
+        return torch.stack([self.window(ids, s) for s in starts])
 
 
 def _generated_windows(
@@ -367,6 +487,7 @@ def _generated_windows(
     seq_len: int,
     seed: int,
     batch_size: int,
+    bos_per_window: bool | None = None,
 ) -> torch.Tensor:
     """Sample ``n_samples`` sequences of ``seq_len`` tokens from ``model`` (LLM-QAT style)."""
     if model is None:
@@ -379,6 +500,14 @@ def _generated_windows(
             f"{type(model).__name__} has no generate(); pass a transformers causal LM for "
             "data-free calibration."
         )
+    # Generation starts from the BOS token whenever one exists, so the windows already start
+    # with it; the setting only has to make sure there is one.
+    resolve_bos_per_window(
+        bos_per_window,
+        model,
+        _bos_token_id(model, tokenizer),
+        bos_from="the model's (generation) config or the tokenizer",
+    )
     start_id = _start_token_id(model, tokenizer)
     eos_ids = _eos_token_ids(model, tokenizer)
     pad_id = _first_int(getattr(getattr(model, "generation_config", None), "pad_token_id", None))
@@ -386,41 +515,37 @@ def _generated_windows(
         # Every row has the same length so nothing is padded; naming a pad id only silences
         # generate()'s "Setting pad_token_id" notice.
         pad_id = eos_ids[0] if eos_ids else start_id
-    device = _model_device(model)
+    device = model_device(model)
 
-    was_training = model.training
-    model.eval()  # dropout would make the samples depend on the module's mode
-    try:
-        with _forked_rng(device), torch.no_grad():
-            torch.manual_seed(seed)
-            chunks = []
-            for begin in range(0, n_samples, batch_size):
-                rows = min(batch_size, n_samples - begin)
-                prompt = torch.full((rows, 1), start_id, dtype=torch.long, device=device)
-                out = model.generate(
-                    prompt,
-                    attention_mask=torch.ones_like(prompt),
-                    do_sample=True,
-                    # top_k=None would fall back to the default of 50; 0 disables the cut so the
-                    # samples follow the model's full distribution.
-                    top_k=0,
-                    top_p=1.0,
-                    temperature=1.0,
-                    typical_p=1.0,
-                    repetition_penalty=1.0,
-                    max_new_tokens=seq_len - 1,
-                    # min_new_tokens == max_new_tokens masks every EOS id, so no row stops early.
-                    min_new_tokens=seq_len - 1,
-                    eos_token_id=eos_ids or None,
-                    pad_token_id=pad_id,
+    # Eval mode: dropout would make the samples depend on the module's mode.
+    with eval_mode(model), _forked_rng(device), torch.no_grad():
+        torch.manual_seed(seed)
+        chunks = []
+        for begin in range(0, n_samples, batch_size):
+            rows = min(batch_size, n_samples - begin)
+            prompt = torch.full((rows, 1), start_id, dtype=torch.long, device=device)
+            out = model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                # top_k=None would fall back to the default of 50; 0 disables the cut so the
+                # samples follow the model's full distribution.
+                top_k=0,
+                top_p=1.0,
+                temperature=1.0,
+                typical_p=1.0,
+                repetition_penalty=1.0,
+                max_new_tokens=seq_len - 1,
+                # min_new_tokens == max_new_tokens masks every EOS id, so no row stops early.
+                min_new_tokens=seq_len - 1,
+                eos_token_id=eos_ids or None,
+                pad_token_id=pad_id,
+            )
+            if out.shape != (rows, seq_len):
+                raise RuntimeError(
+                    f"generate() returned shape {tuple(out.shape)}, expected {(rows, seq_len)}"
                 )
-                if out.shape != (rows, seq_len):
-                    raise RuntimeError(
-                        f"generate() returned shape {tuple(out.shape)}, expected {(rows, seq_len)}"
-                    )
-                chunks.append(out.to("cpu", torch.long))
-    finally:
-        model.train(was_training)
+            chunks.append(out.to("cpu", torch.long))
     return torch.cat(chunks)
 
 
@@ -434,12 +559,18 @@ def _forked_rng(device: torch.device) -> Any:
     return torch.random.fork_rng(device_type=device.type)
 
 
+def _bos_token_id(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> int | None:
+    """The model's BOS id, else the tokenizer's (``None`` when neither has one)."""
+    token_id = model_bos_token_id(model)
+    return (
+        token_id if token_id is not None else _first_int(getattr(tokenizer, "bos_token_id", None))
+    )
+
+
 def _start_token_id(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> int:
     """The model's BOS id, else the tokenizer's BOS, else an EOS id (documents start after one)."""
     candidates = (
-        getattr(getattr(model, "generation_config", None), "bos_token_id", None),
-        getattr(getattr(model, "config", None), "bos_token_id", None),
-        getattr(tokenizer, "bos_token_id", None),
+        _bos_token_id(model, tokenizer),
         getattr(tokenizer, "eos_token_id", None),
         getattr(getattr(model, "generation_config", None), "eos_token_id", None),
         getattr(getattr(model, "config", None), "eos_token_id", None),
@@ -470,16 +601,6 @@ def _first_int(value: Any) -> int | None:
     if isinstance(value, (list, tuple)):
         value = value[0] if value else None
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -533,6 +654,39 @@ def _document_text(docs: Sequence[str], index: int) -> str:
     if not isinstance(text, str):
         raise TypeError(f"Document {index} is a {type(text).__name__}, not a string.")
     return text
+
+
+def batch_token_ids(batch: Any) -> torch.Tensor:
+    """The token ids of one batch, as an int64 ``(batch, seq_len)`` tensor.
+
+    The one normaliser of batch layouts, for calibration and training alike: a tensor (a
+    ``(seq_len,)`` one is one row), a mapping with ``input_ids`` (a tokenizer's output), or a
+    tuple/list whose first item is the ids (``(input_ids, labels)``). Nested lists of ints work
+    too.
+
+    Raises:
+        ValueError: a mapping without ``input_ids``, or anything that is not integer ids of
+            one or two dimensions.
+    """
+    if isinstance(batch, Mapping):
+        if "input_ids" not in batch:
+            raise ValueError(f"A dict batch needs an 'input_ids' entry; got keys {sorted(batch)}.")
+        batch = batch["input_ids"]
+    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        batch = batch[0]
+    try:
+        ids = torch.as_tensor(batch)
+    except (TypeError, ValueError, RuntimeError):
+        ids = None
+    if ids is not None and ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids is None or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        shown = f"{tuple(ids.shape)} {ids.dtype}" if ids is not None else type(batch).__name__
+        raise ValueError(
+            "Batches must hold integer token ids shaped (batch, seq_len) (a tensor, a dict with "
+            f"'input_ids' or a tuple whose first item is that); got {shown}."
+        )
+    return ids.long()
 
 
 def check_source(source: Any, role: str = "calibration") -> None:
@@ -700,13 +854,41 @@ def _hf_texts(name: str, split: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
-    """Token ids of ``text`` as a 1-D long tensor, exactly as ``tokenizer(text)`` gives them."""
-    # verbose=False: texts longer than model_max_length are expected here (they are cut into
-    # windows later) and the tokenizer's "longer than the specified maximum" notice would only
-    # alarm users. It changes no ids.
-    encoded = tokenizer(text, return_tensors="pt", verbose=False)
-    return encoded["input_ids"][0].to(torch.long)
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
+    """Tokenise a whole (long) text in one call, exactly as ``tokenizer(text)`` does.
+
+    Special tokens are added the tokenizer's default way (a LLaMA or Gemma tokenizer puts one
+    BOS at the very start of the text), matching ``tokenizer(text, return_tensors="pt")`` in the
+    Wanda and SparseGPT code. Nothing is truncated, and the tokenizer's "sequence length is
+    longer than the specified maximum" warning is not raised: the text is far longer than
+    ``model_max_length`` on purpose, since it is cut into windows later.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        text: The text, e.g. the whole WikiText-2 test file.
+
+    Returns:
+        A 1-D ``torch.long`` tensor of token ids.
+    """
+    # verbose=False silences just the length check, without touching global logging or the
+    # tokenizer's state. It changes no ids.
+    encoded = tokenizer(text, return_tensors="pt", truncation=False, verbose=False)
+    return encoded["input_ids"].reshape(-1).to(torch.long)
+
+
+def _strip_bos(ids: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+    """Drop one leading BOS (``bos_id`` ``None``: nothing to strip)."""
+    if bos_id is not None and ids.numel() > 0 and int(ids[0]) == bos_id:
+        return ids[1:]
+    return ids
+
+
+def _with_bos(body: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+    """``body`` with ``bos_id`` in front along the last dimension (``None``: ``body`` as is)."""
+    if bos_id is None:
+        return body
+    bos = torch.full((*body.shape[:-1], 1), bos_id, dtype=body.dtype, device=body.device)
+    return torch.cat([bos, body], dim=-1)
 
 
 def _truncate(ids: torch.Tensor, max_tokens: int | None) -> torch.Tensor:

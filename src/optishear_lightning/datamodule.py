@@ -6,7 +6,13 @@ Every split is a tensor of fixed-length token windows built by :mod:`.data`:
   data (:func:`~optishear_lightning.data.calibration_windows`), with different seeds so that
   fine-tuning does not see the calibration windows first;
 - ``val`` and ``test``: the evaluation text (:func:`~optishear_lightning.data.evaluation_tokens`)
-  cut into consecutive non-overlapping windows -- the perplexity protocol of the literature.
+  cut into consecutive non-overlapping windows -- the perplexity protocol of the literature
+  (:func:`~optishear_lightning.data.evaluation_windows`).
+
+``bos_per_window`` starts every window of every split with the BOS token, for the families that
+need one at the start of each sequence (Gemma). ``None`` (default) follows the model's family
+(:func:`~optishear_lightning.models.needs_bos_per_window`), so the windows of LLaMA and the other
+families stay the literature's.
 
 A source is a dataset name (``"c4"``, ``"wikitext2"``, ``"ptb"``), a local ``.jsonl`` /
 ``.json`` / ``.parquet`` / ``.txt`` file, or an integer token tensor (Python only). ``None``
@@ -22,8 +28,14 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from .data import calibration_windows, check_source, evaluation_tokens
-from .models import load_tokenizer
+from .data import calibration_windows, check_source, evaluation_tokens, evaluation_windows
+from .models import (
+    load_config,
+    load_tokenizer,
+    model_type_of,
+    needs_bos_per_window,
+    resolve_bos_per_window,
+)
 
 __all__ = ["TextDataModule"]
 
@@ -54,6 +66,11 @@ class TextDataModule(LightningDataModule):
         num_workers: DataLoader workers.
         seed: sampling seed (calibration uses it, training ``seed + 1``).
         text_field: text column of ``.jsonl``/``.json``/``.parquet`` sources.
+        bos_per_window: start every window with the tokenizer's BOS token (``[BOS]`` plus
+            ``seq_len - 1`` text tokens; token-tensor train/calibration sources are windows
+            already and are used as given). ``None`` follows the model's family: the Trainer's
+            model when one is attached, else the config of the model named by ``tokenizer``;
+            off when neither is known.
 
     Example:
         >>> dm = TextDataModule("smollm2-135m", train_data="c4")  # doctest: +SKIP
@@ -79,8 +96,11 @@ class TextDataModule(LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         text_field: str = "text",
+        bos_per_window: bool | None = None,
     ):
         super().__init__()
+        if bos_per_window is not None and not isinstance(bos_per_window, bool):
+            raise ValueError(f"bos_per_window must be true, false or null, got {bos_per_window!r}.")
         for name, value in (
             ("seq_len", seq_len),
             ("train_samples", train_samples),
@@ -110,6 +130,8 @@ class TextDataModule(LightningDataModule):
         self._tokenizer_arg = tokenizer
         self._tokenizer = None if isinstance(tokenizer, (str, type(None))) else tokenizer
         self._splits: dict[str, torch.Tensor] = {}
+        self._bos: tuple[int | None] | None = None  # (resolved BOS id or None,) once known
+        self._family_model: torch.nn.Module | None = None
 
     @property
     def tokenizer(self) -> Any:
@@ -127,52 +149,82 @@ class TextDataModule(LightningDataModule):
             self._splits[name] = windows
         return self._splits[name]
 
+    def bind_model(self, model: torch.nn.Module) -> None:
+        """Take the family default of ``bos_per_window`` from ``model`` (before any split).
+
+        Without it the default comes from the Trainer's model when one is attached, else from
+        the config of the model named by ``tokenizer`` (a GGUF file takes seconds to read).
+        """
+        self._family_model = model
+
+    def window_bos_id(self) -> int | None:
+        """The BOS id every window starts with, or ``None`` when ``bos_per_window`` is off.
+
+        Resolved once, before any text is read, so a tokenizer without a BOS token fails at
+        once (with what to change) rather than after tokenising a corpus.
+        """
+        if self._bos is None:
+            setting = self.hparams.bos_per_window
+            family = self._family() if setting is None else None
+            tokenizer = self.tokenizer if (setting or needs_bos_per_window(family)) else None
+            bos_id = resolve_bos_per_window(
+                setting,
+                family,
+                getattr(tokenizer, "bos_token_id", None),
+                setting="data.bos_per_window",
+                bos_from="the tokenizer" if tokenizer is not None else "data.tokenizer (None)",
+            )
+            self._bos = (bos_id,)
+        return self._bos[0]
+
+    def _family(self) -> Any:
+        """What the family default is read from (see :meth:`bind_model`)."""
+        trainer = getattr(self, "trainer", None)
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        for candidate in (self._family_model, getattr(module, "model", None), module):
+            if model_type_of(candidate) is not None:
+                return candidate
+        if isinstance(self._tokenizer_arg, str):
+            return load_config(self._tokenizer_arg)
+        return None
+
     def _build(self, name: str) -> torch.Tensor | None:
         hp = self.hparams
-        if name == "train":
-            source = hp.train_data
-            if source is None:
-                return None
+        if name not in ("train", "calibration", "val", "test"):
+            raise ValueError(f"Unknown split {name!r}.")
+        source = {
+            "train": hp.train_data,
+            "calibration": hp.calibration_data,
+            "val": hp.val_data,
+            "test": hp.test_data,
+        }[name]
+        if source is None or (
+            name == "calibration" and isinstance(source, str) and source in ("self", "generated")
+        ):
+            return None
+        bos_id = self.window_bos_id()
+        if name in ("train", "calibration"):
             return calibration_windows(
                 source,
                 self.tokenizer,
-                hp.train_samples,
-                hp.seq_len,
-                seed=hp.seed + 1,
+                hp.train_samples if name == "train" else hp.calibration_samples,
+                hp.seq_len if name == "train" else (hp.calibration_seq_len or hp.seq_len),
+                # Different seeds: fine-tuning must not see the calibration windows first.
+                seed=hp.seed + 1 if name == "train" else hp.seed,
                 text_field=hp.text_field,
+                bos_per_window=bos_id is not None,
             )
-        if name == "calibration":
-            source = hp.calibration_data
-            if source is None or (isinstance(source, str) and source in ("self", "generated")):
-                return None
-            return calibration_windows(
-                source,
-                self.tokenizer,
-                hp.calibration_samples,
-                hp.calibration_seq_len or hp.seq_len,
-                seed=hp.seed,
-                text_field=hp.text_field,
-            )
-        if name in ("val", "test"):
-            source = hp.val_data if name == "val" else hp.test_data
-            if source is None:
-                return None
-            if isinstance(source, torch.Tensor):
-                tokens = source.reshape(-1)
-            else:
-                tokens = evaluation_tokens(
-                    source, self.tokenizer, seq_len=hp.seq_len, text_field=hp.text_field
-                ).reshape(-1)
-            n = tokens.numel() // hp.seq_len
-            limit = hp.val_windows if name == "val" else hp.test_windows
-            n = min(n, limit) if limit else n
-            if n == 0:
-                raise ValueError(
-                    f"The {name} text has {tokens.numel()} tokens, fewer than one window of "
-                    f"seq_len={hp.seq_len}; use a shorter seq_len or a longer text."
-                )
-            return tokens[: n * hp.seq_len].reshape(n, hp.seq_len).long()
-        raise ValueError(f"Unknown split {name!r}.")
+        if isinstance(source, torch.Tensor):
+            tokens = source.reshape(-1)
+        else:
+            tokens = evaluation_tokens(
+                source, self.tokenizer, seq_len=hp.seq_len, text_field=hp.text_field
+            ).reshape(-1)
+        limit = hp.val_windows if name == "val" else hp.test_windows
+        try:
+            return evaluation_windows(tokens, hp.seq_len, limit, bos_token_id=bos_id)
+        except ValueError as err:
+            raise ValueError(f"The {name} split: {err}") from None
 
     def setup(self, stage: str) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())

@@ -25,8 +25,10 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "NAN_SCORES_ERROR",
     "SparsityPattern",
     "apply_keep_mask",
+    "check_group",
     "check_pattern_fits",
     "keep_mask_from_scores",
     "num_pruned",
@@ -37,8 +39,9 @@ __all__ = [
 Group = Literal["row", "layer"]
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-# Shared with the Triton kernels (optishear_lightning.kernels), which raise the same error.
-_NAN_SCORES_ERROR = (
+#: The error of NaN scores, the same from PyTorch and from the kernels (the engine's dispatch,
+#: optishear_lightning.dispatch, raises it for them: the kernels only count NaN scores).
+NAN_SCORES_ERROR = (
     "Pruning scores contain NaN: the calibration activations or weights are not "
     "finite. Check the model in float32 or bfloat16 and the calibration data."
 )
@@ -86,6 +89,19 @@ def parse_pattern(pattern: str | SparsityPattern) -> SparsityPattern:
             f"N:M pattern {pattern!r} needs 1 <= N < M (N weights kept of every M), e.g. '2:4'."
         )
     return SparsityPattern(n, m)
+
+
+def check_group(group: str, pattern: SparsityPattern | None = None) -> Group:
+    """Check a comparison group (and that N:M patterns keep their own, ``"row"``); return it.
+
+    Raises:
+        ValueError: an unknown group, or ``"layer"`` with an N:M pattern.
+    """
+    if group not in ("row", "layer"):
+        raise ValueError(f"Unknown comparison group {group!r}: use 'row' or 'layer'.")
+    if pattern is not None and pattern.is_nm and group != "row":
+        raise ValueError("N:M patterns use their own groups; leave group='row'.")
+    return group  # type: ignore[return-value]
 
 
 def validate_sparsity(sparsity: float, what: str = "sparsity") -> float:
@@ -152,7 +168,7 @@ def keep_mask_from_scores(
     if scores.dim() != 2:
         raise ValueError(f"scores must be 2-D (out_features, in_features), got {scores.shape}.")
     if torch.isnan(scores).any():
-        raise ValueError(_NAN_SCORES_ERROR)
+        raise ValueError(NAN_SCORES_ERROR)
     rows, cols = scores.shape
     if pat.is_nm:
         check_pattern_fits(scores.shape, pat, "weight")

@@ -10,6 +10,11 @@ one is a single decorated function::
 The mask is then chosen by :func:`~optishear_lightning.masks.keep_mask_from_scores`. Methods
 that change the surviving weights (SparseGPT) implement :class:`PruningMethod` directly.
 
+A metric that the fused Triton kernel can compute says how with a
+:class:`~optishear_lightning.dispatch.FusedRecipe` (``register_metric(..., fused=recipe)``, or
+``fused_recipe()`` on a :class:`PruningMethod`); the recipe's functions are the metric's own
+PyTorch code, so the kernel's masks are the reference's. Nothing else changes to fuse a metric.
+
 Activation statistics use ``x_j``, the mean squared input activation of input channel ``j``
 (:attr:`LayerStats.act_sq_mean`). Wanda's ``||X_j||_2`` and RIA's ``||X_j||_2 ** 0.5`` differ
 from ``sqrt(x_j)`` and ``x_j ** 0.25`` by a factor that is constant over the layer, which no
@@ -23,12 +28,13 @@ from collections.abc import Callable
 import torch
 
 from .calibration import LayerStats
-from .kernels.fused import try_fused_prune_, try_select_prune_
+from .dispatch import FusedRecipe, try_fused_prune_, try_select_prune_
 from .masks import SparsityPattern, apply_keep_mask, keep_mask_from_scores
 from .sparsegpt import sparsegpt_prune
 
 __all__ = [
     "METHODS",
+    "RIA_EXPONENT",
     "PruningMethod",
     "ScoreMethod",
     "SparseGPTMethod",
@@ -56,6 +62,11 @@ class PruningMethod:
     needs_activations: bool = True
     needs_gram: bool = False
 
+    @property
+    def formula(self) -> str | None:
+        """The score as a formula, for reports and model cards (``None``: the name says it)."""
+        return None
+
     def prune_(
         self,
         weight: torch.Tensor,
@@ -67,6 +78,13 @@ class PruningMethod:
         """Prune ``weight`` in place and return its keep mask."""
         raise NotImplementedError
 
+    def fused_recipe(self) -> FusedRecipe | None:
+        """What the fused Triton kernel needs to score like this method (``None``: it cannot).
+
+        See :class:`~optishear_lightning.dispatch.FusedRecipe`.
+        """
+        return None
+
     def channel_scores(self, weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
         """Importance of each weight, used to arrange input channels before N:M selection
         (:mod:`.permutation`). Methods without a score of their own use Wanda's."""
@@ -74,15 +92,34 @@ class PruningMethod:
 
 
 class ScoreMethod(PruningMethod):
-    """A method that only scores weights; the mask layout does the rest."""
+    """A method that only scores weights; the mask layout does the rest.
 
-    def __init__(self, name: str, score: ScoreFn, needs_activations: bool = True):
+    Args:
+        name: registry name.
+        score: the score function, ``score(weight, stats) -> scores``.
+        needs_activations: whether calibration forward passes are needed at all.
+        fused: how the fused kernel computes ``score`` (``None``: PyTorch scores, then the
+            select-only kernel).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        score: ScoreFn,
+        needs_activations: bool = True,
+        fused: FusedRecipe | None = None,
+    ):
         self.name = name
         self.score = score
         self.needs_activations = needs_activations
+        self._fused = fused
 
     def __repr__(self) -> str:
         return f"ScoreMethod({self.name!r})"
+
+    def fused_recipe(self) -> FusedRecipe | None:
+        """The recipe given at registration (see :func:`register_metric`)."""
+        return self._fused
 
     def channel_scores(self, weight, stats):
         return self.score(weight.detach().float(), stats)
@@ -138,11 +175,19 @@ class SparseGPTMethod(PruningMethod):
 METHODS: dict[str, PruningMethod] = {}
 
 
-def register_metric(name: str, needs_activations: bool = True) -> Callable[[ScoreFn], ScoreFn]:
-    """Decorator that registers a score function as a pruning method called ``name``."""
+def register_metric(
+    name: str, needs_activations: bool = True, fused: FusedRecipe | None = None
+) -> Callable[[ScoreFn], ScoreFn]:
+    """Decorator that registers a score function as a pruning method called ``name``.
+
+    Args:
+        name: registry name.
+        needs_activations: whether the metric reads calibration statistics.
+        fused: how the fused Triton kernel computes the same scores, if it can.
+    """
 
     def wrap(fn: ScoreFn) -> ScoreFn:
-        METHODS[name] = ScoreMethod(name, fn, needs_activations)
+        METHODS[name] = ScoreMethod(name, fn, needs_activations, fused)
         return fn
 
     return wrap
@@ -158,31 +203,53 @@ def get_method(name: str | PruningMethod) -> PruningMethod:
     return METHODS[key]
 
 
-@register_metric("magnitude", needs_activations=False)
+@register_metric("magnitude", needs_activations=False, fused=FusedRecipe())
 def magnitude_score(weight: torch.Tensor, stats: LayerStats | None = None) -> torch.Tensor:
     """``|W|`` (Han et al., 2015)."""
     return weight.abs()
 
 
-@register_metric("wanda")
+def _activation_norm(stats: LayerStats, device: torch.device | None = None) -> torch.Tensor:
+    """``sqrt(x_j)``, Wanda's activation factor (the fused kernel takes it as a vector)."""
+    return stats.act_sq_mean.sqrt()
+
+
+@register_metric("wanda", fused=FusedRecipe(activation=_activation_norm))
 def wanda_score(weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
     """Wanda (Sun et al., 2024): ``|W_ij| * ||X_j||_2``."""
-    return weight.abs() * stats.act_sq_mean.sqrt().unsqueeze(0)
+    return weight.abs() * _activation_norm(stats).unsqueeze(0)
 
 
-@register_metric("ria")
-def ria_score(weight: torch.Tensor, stats: LayerStats | None, a: float = 0.5) -> torch.Tensor:
+#: RIA's exponent of the activation norm (the paper's ``a``).
+RIA_EXPONENT = 0.5
+
+
+def _ria_activation(stats: LayerStats, device: torch.device | None = None) -> torch.Tensor:
+    """``sqrt(x_j) ** RIA_EXPONENT``, RIA's activation factor at its default exponent."""
+    return _activation_norm(stats).pow(RIA_EXPONENT)
+
+
+def _ria_sums(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column sums of ``|W|`` (``(out, 1)``, ``(1, in)``), clamped above zero."""
+    tiny = torch.finfo(w.dtype).tiny  # an all-zero row or column must not give 0/0 = NaN
+    return w.sum(dim=1, keepdim=True).clamp_min(tiny), w.sum(dim=0, keepdim=True).clamp_min(tiny)
+
+
+@register_metric(
+    "ria", fused=FusedRecipe(activation=_ria_activation, weight_norm="ria", weight_stats=_ria_sums)
+)
+def ria_score(
+    weight: torch.Tensor, stats: LayerStats | None, a: float = RIA_EXPONENT
+) -> torch.Tensor:
     """RIA (Zhang et al., 2024): relative importance times ``||X_j||_2 ** a`` (a = 0.5).
 
     Relative importance is ``|W_ij| / sum_k |W_kj| + |W_ij| / sum_k |W_ik|`` (column sum over
     the output dimension plus row sum over the input dimension).
     """
     w = weight.abs()
-    tiny = torch.finfo(w.dtype).tiny  # an all-zero row or column must not give 0/0 = NaN
-    relative = w / w.sum(dim=0, keepdim=True).clamp_min(tiny) + w / w.sum(
-        dim=1, keepdim=True
-    ).clamp_min(tiny)
-    return relative * stats.act_sq_mean.sqrt().pow(a).unsqueeze(0)
+    row_sum, column_sum = _ria_sums(w)
+    relative = w / column_sum + w / row_sum
+    return relative * _activation_norm(stats).pow(a).unsqueeze(0)
 
 
 METHODS["sparsegpt"] = SparseGPTMethod()

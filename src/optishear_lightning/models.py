@@ -158,6 +158,23 @@ def load_tokenizer(name_or_path: str | os.PathLike | ModelSource = DEFAULT_MODEL
     return tokenizer
 
 
+def load_config(name_or_path: str | os.PathLike | ModelSource = DEFAULT_MODEL) -> Any:
+    """Load only the ``transformers`` config of a model (see :func:`resolve_model_source`).
+
+    Cheap for a directory or a hub id (one ``config.json``); a GGUF file is parsed for its
+    metadata, which takes a few seconds.
+    """
+    from transformers import AutoConfig
+
+    source = (
+        name_or_path
+        if isinstance(name_or_path, ModelSource)
+        else resolve_model_source(name_or_path)
+    )
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    return AutoConfig.from_pretrained(source.name_or_path, **kwargs)
+
+
 def load_model(
     name_or_path: str | os.PathLike | ModelSource = DEFAULT_MODEL,
     dtype: str | torch.dtype | None = "float32",
@@ -212,6 +229,128 @@ def load_model(
     if device is not None:
         model.to(device)
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# Family quirks
+# --------------------------------------------------------------------------------------------
+
+
+def model_type_of(model_or_config: Any) -> str | None:
+    """The ``transformers`` ``model_type`` of a model, a config, or a ``model_type`` string.
+
+    Returns:
+        The lower-case model type (``"llama"``, ``"gemma2"``...), or ``None`` when the object
+        carries none (a plain ``nn.Module``, ``None``).
+    """
+    if isinstance(model_or_config, str):
+        return model_or_config.lower() or None
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    return model_type.lower() if isinstance(model_type, str) and model_type else None
+
+
+def needs_bos_per_window(model_or_config: Any) -> bool:
+    """Whether a model family expects a BOS token at the start of every sequence it reads.
+
+    True for the Gemma families (Gemma 1, 2, 3, 3n, RecurrentGemma, PaliGemma, VaultGemma...:
+    any ``model_type`` containing ``"gemma"``), which degrade badly on a sequence that does not
+    start with ``<bos>``; lm-evaluation-harness adds BOS for the same set. False for everything
+    else (LLaMA, Mistral, Qwen2, Phi, GPT-NeoX, OPT...), so the published LLaMA / Wanda protocol
+    -- windows cut from one token stream, only the first starting with BOS -- stays as it is.
+    This is the only place that knows the quirk; calibration, perplexity and the data module
+    take it as the default of their ``bos_per_window`` setting.
+
+    Args:
+        model_or_config: A model (its ``config`` is read), a ``transformers`` config, a
+            ``model_type`` string, or anything else (then False).
+
+    Returns:
+        True when windows for this family should each start with BOS.
+    """
+    model_type = model_type_of(model_or_config)
+    return model_type is not None and "gemma" in model_type
+
+
+def model_bos_token_id(model: Any) -> int | None:
+    """The BOS id a model declares: its generation config's, else its config's, else ``None``."""
+    for owner in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        value = getattr(owner, "bos_token_id", None)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return int(value)
+    return None
+
+
+def resolve_bos_per_window(
+    bos_per_window: bool | None,
+    model_or_config: Any,
+    bos_token_id: int | None,
+    *,
+    setting: str = "bos_per_window",
+    bos_from: str = "the tokenizer",
+) -> int | None:
+    """Turn a ``bos_per_window`` setting into the BOS id to start every window with.
+
+    Args:
+        bos_per_window: ``True``/``False``, or ``None`` for the family default
+            (:func:`needs_bos_per_window` of ``model_or_config``).
+        model_or_config: What the family default is read from (may be ``None``: default off).
+        bos_token_id: The BOS id that windows would start with, or ``None`` if there is none.
+        setting: How the caller names the setting, for the error message.
+        bos_from: Where ``bos_token_id`` was looked up, for the error message.
+
+    Returns:
+        The BOS id when the setting is on, ``None`` when it is off.
+
+    Raises:
+        TypeError: If ``bos_per_window`` is neither a bool nor ``None``.
+        ValueError: If the setting is on and there is no BOS id.
+    """
+    if bos_per_window is not None and not isinstance(bos_per_window, bool):
+        raise TypeError(
+            f"{setting} must be True, False or None, got {type(bos_per_window).__name__}"
+        )
+    on = needs_bos_per_window(model_or_config) if bos_per_window is None else bos_per_window
+    if not on:
+        return None
+    if bos_token_id is None:
+        why = (
+            f"the {model_type_of(model_or_config)} family needs it, so {setting} defaults to on"
+            if bos_per_window is None
+            else f"{setting}=True"
+        )
+        raise ValueError(
+            f"Every window should start with a BOS token ({why}), but no bos_token_id was "
+            f"found in {bos_from}. Use the model's own tokenizer (one with a BOS token), or set "
+            f"{setting}=False to cut windows from the token stream as they are."
+        )
+    return int(bos_token_id)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model runs: its first parameter's device (the CPU for a parameter-free stub)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode (no dropout), then restore each module's own training flag.
+
+    Each submodule gets its own flag back, rather than ``model.train(True)`` for all: a caller
+    may hold a partly frozen model (some blocks deliberately in eval mode) that must stay as it
+    was. Calibration statistics, perplexity and generated calibration text must not depend on
+    dropout, and a model handed over by a training loop is in training mode.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 # Attribute paths of the decoder-block list in the families we test; anything else falls back

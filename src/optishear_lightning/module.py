@@ -7,7 +7,7 @@ computes, synchronised across DDP ranks), plus optional zero-shot accuracy at th
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,46 +15,37 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics.text import Perplexity
 
+from .data import batch_token_ids
 from .models import load_model, load_tokenizer
 
 __all__ = ["CausalLMModule", "batch_input_ids"]
 
 
-def batch_input_ids(batch: Any) -> torch.Tensor:
-    """The ``(batch, seq_len)`` token ids of a batch: a tensor, a dict or a tuple/list."""
-    if isinstance(batch, Mapping):
-        if "input_ids" not in batch:
-            raise ValueError(f"A dict batch needs an 'input_ids' entry; got keys {sorted(batch)}.")
-        batch = batch["input_ids"]
-    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        batch = batch[0]
-    if not isinstance(batch, torch.Tensor) or batch.dim() != 2:
-        raise ValueError(
-            "Batches must hold integer token ids shaped (batch, seq_len) (a tensor, a dict with "
-            f"'input_ids' or a tuple whose first item is that), got {type(batch).__name__}."
-        )
-    return batch.long()
+#: The one batch normaliser lives in the engine; this name stays for existing imports.
+batch_input_ids = batch_token_ids
 
 
 class CausalLMModule(LightningModule):
     """Fine-tune and evaluate a Hugging Face causal LM with Lightning.
 
     Args:
-        model: a built-in name (``"smollm2-135m"``), hub id, local directory or GGUF file, or
-            an already built ``nn.Module`` (Python only).
-        dtype: weight dtype when loading by name (``"float32"``, ``"bfloat16"``...); leave
+        model: The model: a name or path (built-in name such as ``"smollm2-135m"``, hub id,
+            local directory, GGUF file), or an already built ``nn.Module`` (Python only).
+        dtype: Weight dtype when loading by name. ``"float32"``, ``"bfloat16"``...; leave
             ``"float32"`` for mixed-precision training (``precision="bf16-mixed"``).
-        learning_rate: AdamW learning rate.
-        weight_decay: AdamW (decoupled) weight decay.
-        betas: AdamW betas.
-        warmup_steps: linear learning-rate warm-up over this many optimizer steps.
-        trainable: if given, only parameters whose name contains one of these substrings
-            train (e.g. ``["mlp"]``); the others are frozen.
-        zero_shot_tasks: tasks for :func:`~optishear_lightning.evaluation.zero_shot_accuracy`
-            at the end of ``test`` (e.g. ``["arc_easy", "piqa"]``); needs ``zero_shot_dir``.
-        zero_shot_dir: folder with the task files.
-        zero_shot_limit: examples per task (``None`` = all).
-        attn_implementation: passed to ``from_pretrained``.
+        learning_rate: AdamW learning rate (ignored with the CLI's ``--optimizer``).
+        weight_decay: AdamW (decoupled) weight decay (ignored with ``--optimizer``).
+        betas: AdamW betas (ignored with ``--optimizer``).
+        warmup_steps: Linear learning-rate warm-up, in optimizer steps.
+        trainable: Train only parameters whose name contains one of these. For example
+            ``["mlp"]``; the others are frozen.
+        zero_shot_tasks: Zero-shot tasks to score at the end of test. For example
+            ``["arc_easy", "piqa"]``, with
+            :func:`~optishear_lightning.evaluation.zero_shot_accuracy`; needs
+            ``zero_shot_dir``.
+        zero_shot_dir: Folder with the zero-shot task files.
+        zero_shot_limit: Examples per zero-shot task (null: all).
+        attn_implementation: Attention implementation, passed to ``from_pretrained``.
 
     Example:
         >>> module = CausalLMModule("smollm2-135m", learning_rate=2e-5)  # doctest: +SKIP

@@ -15,7 +15,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from .calibration import LayerStats, run_sequential
-from .kernels.fused import deferred_nan_checks
-from .masks import Group, check_pattern_fits, parse_pattern, validate_sparsity
+from .data import batch_token_ids
+from .dispatch import deferred_nan_checks
+from .masks import Group, check_group, check_pattern_fits, parse_pattern, validate_sparsity
 from .metrics import PruningMethod, get_method
 from .models import channel_couplings, find_decoder_blocks, find_prunable_linears
 from .permutation import permute_block_channels
@@ -51,6 +52,7 @@ class PruneResult:
 
     Attributes:
         method: pruning method name.
+        metric_formula: the method's score as a formula, if it has one (a searched metric).
         pattern: ``"unstructured"`` or ``"N:M"``.
         group: comparison group of unstructured masks (``"row"`` or ``"layer"``).
         block_sparsity: target sparsity of each decoder block.
@@ -70,6 +72,7 @@ class PruneResult:
     pattern: str
     group: str
     block_sparsity: list[float]
+    metric_formula: str | None = None
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     overall_sparsity: float = 0.0
     masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -181,19 +184,11 @@ def as_calibration_batches(calibration: Any, batch_size: int = 8) -> list[torch.
         items = calibration
     rows: list[torch.Tensor] = []
     for item in items:
-        ids = item["input_ids"] if isinstance(item, Mapping) else item
-        ids = torch.as_tensor(ids)
+        ids = batch_token_ids(item)
         if ids.numel() == 0:
             raise ValueError(
                 f"Calibration item {len(rows)} is empty; every item needs token ids shaped "
                 "(batch, seq_len) with seq_len >= 2."
-            )
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
-                f"Calibration items must be integer token ids shaped (batch, seq_len); got "
-                f"{tuple(ids.shape)} {ids.dtype}."
             )
         rows.extend(ids.long())
     if not rows:
@@ -238,6 +233,35 @@ def check_token_ids(batches: Sequence[torch.Tensor], model: nn.Module) -> None:
         )
 
 
+def _select_linears(
+    blocks_name: str, blocks: nn.ModuleList, layers: Callable[[str], bool] | Sequence[str] | None
+) -> list[dict[str, nn.Linear]]:
+    """Each block's prunable linears that ``layers`` selects (see :func:`prune`)."""
+    every = [find_prunable_linears(b) for b in blocks]
+    if layers is None:
+        return every
+    names = [f"{blocks_name}.{i}.{n}" for i, linears in enumerate(every) for n in linears]
+    if isinstance(layers, str) or not callable(layers):
+        wanted = {layers} if isinstance(layers, str) else set(layers)
+        unknown = sorted(wanted - set(names))
+        if unknown:
+            raise ValueError(
+                f"layers names {unknown[:3]}, which are not prunable linears of the model; "
+                f"names look like {names[:2]} (fully qualified module names)."
+            )
+        layers = wanted.__contains__
+    selected = [
+        {n: lin for n, lin in linears.items() if layers(f"{blocks_name}.{i}.{n}")}
+        for i, linears in enumerate(every)
+    ]
+    if not any(selected):
+        raise ValueError(
+            f"layers selects none of the model's {len(names)} prunable linears (names look "
+            f"like {names[:2]}); select at least one."
+        )
+    return selected
+
+
 def _peak_memory(device: torch.device) -> dict[str, int]:
     peak = {"cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if device.type == "cuda":
@@ -265,6 +289,7 @@ def prune(
     progress: bool = False,
     reconstruct: str | None = None,
     permute: bool = False,
+    layers: Callable[[str], bool] | Sequence[str] | None = None,
 ) -> PruneResult:
     """Prune a causal LM in place, block by block.
 
@@ -304,6 +329,12 @@ def prune(
             within a head) so that the N:M groups keep more of the method's scores; the
             permutation is folded into the producing layer, so the dense model computes the
             same function and the mask stays a plain N:M mask (see :mod:`.permutation`).
+        layers: which linears to prune, by fully qualified module name (as
+            :func:`~optishear_lightning.models.named_prunable_linears` names them, e.g.
+            ``"model.layers.0.mlp.down_proj"``): a predicate ``layers(name) -> bool`` or a
+            sequence of names (an unknown name is an error). ``None`` prunes every linear of
+            every decoder block. The others keep their weights; per-block ratios, the layer
+            and overall sparsities and the masks cover the selected linears only.
 
     Returns:
         A :class:`PruneResult`.
@@ -320,10 +351,7 @@ def prune(
     pat = parse_pattern(pattern)
     reconstruct = check_reconstruction(reconstruct)
     needs_data = pm.needs_activations or reconstruct is not None
-    if group not in ("row", "layer"):
-        raise ValueError(f"Unknown comparison group {group!r}: use 'row' or 'layer'.")
-    if pat.is_nm and group != "row":
-        raise ValueError("N:M patterns use their own groups; leave group='row'.")
+    check_group(group, pat)
     if permute and not pat.is_nm:
         raise ValueError(
             "permute=True arranges input channels for N:M groups; with an unstructured "
@@ -331,7 +359,7 @@ def prune(
         )
     blocks_name, blocks = find_decoder_blocks(model)
     ratios = resolve_block_sparsities(sparsity, len(blocks), str(pat))
-    linears_per_block = [find_prunable_linears(b) for b in blocks]
+    linears_per_block = _select_linears(blocks_name, blocks, layers)
     for i, linears in enumerate(linears_per_block):
         for name, lin in linears.items():
             check_pattern_fits(lin.weight.shape, pat, f"{blocks_name}.{i}.{name}")
@@ -365,6 +393,7 @@ def prune(
         torch.cuda.reset_peak_memory_stats(run_device)
     result = PruneResult(
         method=pm.name if reconstruct is None else f"{pm.name}+{reconstruct}",
+        metric_formula=pm.formula,
         pattern=str(pat),
         group=group,
         block_sparsity=ratios,
@@ -466,18 +495,27 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
                 "file), so overwrite=True will not delete it. Choose a new path, or remove "
                 "the directory yourself if its contents can go."
             )
-    _check_writable_parent(out)
+    check_writable_parent(out)
     return out
 
 
-def _check_writable_parent(path: Path) -> None:
-    """Fail before any work, not after it, if ``path`` could never be created."""
+def check_writable_parent(path: str | os.PathLike, what: str = "Output directory") -> None:
+    """Fail before any work, not after it, if ``path`` could never be created.
+
+    Args:
+        path: the file or directory to be written later.
+        what: how the caller names it in the error (its setting, e.g. ``"state_path"``).
+
+    Raises:
+        PermissionError: the nearest existing ancestor is a file or not writable.
+    """
+    path = Path(path)
     ancestor = path.absolute().parent
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
         raise PermissionError(
-            f"Output directory {path} cannot be created: {ancestor} is not a writable "
+            f"{what} {path} cannot be created: {ancestor} is not a writable "
             "directory. Choose a path in a directory you can write to."
         )
 
@@ -515,15 +553,40 @@ def save_pruned_model(
     tokenizer: Any = None,
     result: PruneResult | None = None,
     overwrite: bool = False,
+    card: dict[str, Any] | None = None,
+    summary: dict[str, Any] | None = None,
 ) -> Path:
     """Write a transformers checkpoint (safetensors) that ``from_pretrained`` reloads.
+
+    The directory also holds a model card (``README.md``, see :mod:`.model_card`) and, when
+    ``result`` or ``summary`` is given, the prune summary ``optishear_prune.json``. Its
+    ``config.json`` has ``use_cache: true``: :func:`~optishear_lightning.models.load_model`
+    turns the cache off for pruning and training, which the model in memory keeps.
 
     The checkpoint is written into a temporary sibling directory and renamed into place only
     once complete, so a crash never leaves a half-written model at ``output_dir``. With
     ``overwrite=True`` an earlier export of this package is replaced (it is moved aside first
     and deleted only after the new one is in place); any other existing path is refused.
     Directories and files get the permissions the process's umask allows.
+
+    Args:
+        model: the pruned causal LM.
+        output_dir: where to write (must not exist unless ``overwrite``).
+        tokenizer: saved beside the model when given.
+        result: the :class:`PruneResult` (its summary goes into the JSON and the card).
+        overwrite: replace an earlier export of this package.
+        card: model card fields (``base_model``, ``method``, ``metric_formula``,
+            ``calibration``, ``evaluation``...; see
+            :func:`~optishear_lightning.model_card.render_model_card`), over what ``model`` and
+            ``result`` tell.
+        summary: the prune summary to write as JSON (default: ``result.to_dict()``).
+
+    Example:
+        >>> save_pruned_model(model, "pruned", tok, result, card={"evaluation": {"ppl": 9.1}})
+        ... # doctest: +SKIP
     """
+    from .model_card import card_fields, restore_inference_config, write_model_card
+
     out = check_output_dir(output_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_sibling_dir(out, "tmp")
@@ -532,8 +595,11 @@ def save_pruned_model(
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if result is not None:
-            (tmp / "optishear_prune.json").write_text(json.dumps(result.to_dict(), indent=2))
+        restore_inference_config(tmp / "config.json")
+        summary = summary if summary is not None else (result.to_dict() if result else None)
+        if summary is not None:
+            (tmp / "optishear_prune.json").write_text(json.dumps(summary, indent=2))
+        write_model_card(tmp, card_fields(model, result, summary, card))
         (tmp / EXPORT_MARKER).write_text(json.dumps({"package": "optishear-lightning"}) + "\n")
         _files_readable_as_umask_allows(tmp)
         if out.exists():

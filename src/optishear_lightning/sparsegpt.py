@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from .masks import SparsityPattern, num_pruned, parse_pattern
+from .masks import SparsityPattern, check_group, num_pruned, parse_pattern
 
 __all__ = ["damped_hessian", "inverse_hessian_factor", "sparsegpt_prune"]
 
@@ -148,8 +148,7 @@ def sparsegpt_prune(
 
     prune_mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
     by_row = group == "row"
-    if group not in ("row", "layer"):
-        raise ValueError(f"Unknown comparison group {group!r}: use 'row' or 'layer'.")
+    check_group(group)
     unit = 1 if by_row else rows
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)

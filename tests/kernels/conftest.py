@@ -1,10 +1,9 @@
 """Kernel tests: on the GPU when there is one, else in Triton's CPU interpreter.
 
 ``TRITON_INTERPRET=1`` has to be in the environment before the kernels are decorated, i.e.
-before ``optishear_lightning.kernels.triton_kernels`` is first imported; pytest loads this
-file before collecting the test modules, and nothing outside ``tests/kernels`` imports that
-module on a CPU-only machine (the engine's default backend leaves CPU tensors to PyTorch), so
-setting it here is early enough. The variable only concerns Triton: no other test uses it.
+before ``optishear_lightning.kernels.triton_kernels`` is first imported. The top-level
+``tests/conftest.py`` sets it, since test modules outside this folder may import the kernels
+during collection; it is repeated here for runs of this folder alone from another rootdir.
 """
 
 from __future__ import annotations
@@ -18,13 +17,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from optishear_lightning.calibration import LayerStats
-from optishear_lightning.kernels import (
-    fused_score,
-    reference_keep_mask,
-    set_kernel_backend,
-    triton_available,
-    triton_prune,
-)
+from optishear_lightning.dispatch import fused_score, reference_keep_mask, triton_prune
+from optishear_lightning.kernels import set_kernel_backend, triton_available
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

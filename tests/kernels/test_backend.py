@@ -104,7 +104,7 @@ def test_forced_triton_on_cpu_needs_the_interpreter_before_import():
 
 @requires_triton
 def test_env_var_forces_the_kernels(monkeypatch):
-    from optishear_lightning.kernels import fused
+    from optishear_lightning import dispatch
 
     calls = []
 
@@ -112,7 +112,7 @@ def test_env_var_forces_the_kernels(monkeypatch):
         calls.append(1)
         return torch.ones_like(weight, dtype=torch.bool)
 
-    monkeypatch.setattr(fused, "triton_prune", fake_kernel)
+    monkeypatch.setattr(dispatch, "triton_prune", fake_kernel)
     w = random_weight(2, 16)
     stats = random_stats(16)
     monkeypatch.setenv(ENV_VAR, "torch")
@@ -127,10 +127,10 @@ def test_env_var_forces_the_kernels(monkeypatch):
 
 
 def test_unsupported_cases_fall_back_to_torch(monkeypatch):
-    from optishear_lightning.kernels import fused
+    from optishear_lightning import dispatch
 
-    monkeypatch.setattr(fused, "kernels_for", lambda device: True)
-    monkeypatch.setattr(fused, "triton_prune", lambda *a, **k: pytest.fail("kernel called"))
+    monkeypatch.setattr(dispatch, "kernels_for", lambda device: True)
+    monkeypatch.setattr(dispatch, "triton_prune", lambda *a, **k: pytest.fail("kernel called"))
     stats = random_stats(16)
     unstructured = parse_pattern("unstructured")
     w = random_weight(4, 16, torch.float64)  # float64: PyTorch
@@ -142,7 +142,7 @@ def test_unsupported_cases_fall_back_to_torch(monkeypatch):
 
 
 def test_auto_falls_back_when_the_kernels_cannot_run(monkeypatch):
-    from optishear_lightning.kernels import fused
+    from optishear_lightning import dispatch
 
     def broken(*args, **kwargs):
         raise RuntimeError("PTX compilation failed")
@@ -152,14 +152,14 @@ def test_auto_falls_back_when_the_kernels_cannot_run(monkeypatch):
     unstructured = parse_pattern("unstructured")
     with kernel_backend("torch"):
         expected = METHODS["wanda"].prune_(w.clone(), stats, 0.5, unstructured)
-    monkeypatch.setattr(fused, "kernels_for", lambda device: True)  # as on a GPU
-    monkeypatch.setattr(fused, "triton_prune", broken)
-    monkeypatch.setattr(fused, "_auto_failure", None)
+    monkeypatch.setattr(dispatch, "kernels_for", lambda device: True)  # as on a GPU
+    monkeypatch.setattr(dispatch, "triton_prune", broken)
+    monkeypatch.setattr(dispatch, "_auto_failure", None)
     with kernel_backend("triton"), pytest.raises(RuntimeError, match="PTX compilation"):
         METHODS["wanda"].prune_(w.clone(), stats, 0.5, unstructured)
     with kernel_backend("auto"), pytest.warns(RuntimeWarning, match="pruning with PyTorch"):
         keep = METHODS["wanda"].prune_(w.clone(), stats, 0.5, unstructured)
     assert torch.equal(keep, expected)
-    assert "PTX compilation failed" in fused._auto_failure
+    assert "PTX compilation failed" in dispatch._auto_failure
     with kernel_backend("auto"):  # off from now on: no second attempt, no second warning
-        assert fused.try_fused_prune_(w, METHODS["wanda"], stats, 0.5, unstructured) is None
+        assert dispatch.try_fused_prune_(w, METHODS["wanda"], stats, 0.5, unstructured) is None

@@ -5,16 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optishear_lightning.kernels import (
-    FusedScore,
+from optishear_lightning.dispatch import (
     dispatch_keep_mask,
     fused_keep_mask,
     fused_score,
     keep_mask,
-    kernel_backend,
     reference_keep_mask,
     triton_prune,
 )
+from optishear_lightning.kernels import FusedScore, kernel_backend
 from optishear_lightning.masks import keep_mask_from_scores, num_pruned, parse_pattern
 from optishear_lightning.metrics import METHODS, prune_by_scores_
 from optishear_lightning.search.space import MAGNITUDE, WANDA, MetaMetric
@@ -220,11 +219,13 @@ def test_fused_keep_mask_leaves_weight_untouched():
 
 @pytest.mark.parametrize("method", ["wanda", "ria", "magnitude"])
 def test_engine_hooks_use_kernels_with_identical_results(method, monkeypatch):
-    from optishear_lightning.kernels import fused
+    from optishear_lightning import dispatch
 
     calls = []
-    original = fused.triton_prune
-    monkeypatch.setattr(fused, "triton_prune", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = dispatch.triton_prune
+    monkeypatch.setattr(
+        dispatch, "triton_prune", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
     w = random_weight(4, 64, torch.bfloat16, levels=3)
     stats = random_stats(64, ties=True)
     results = {}
@@ -328,11 +329,13 @@ def test_prune_end_to_end_same_model(method, sparsity, pattern):
 def test_dispatching_keep_masks(metric, monkeypatch):
     # The search's mask functions: PyTorch under "torch" (and on the CPU under "auto"), the
     # kernels under "triton"; the same masks, weights untouched; layer groups stay on PyTorch.
-    from optishear_lightning.kernels import fused
+    from optishear_lightning import dispatch
 
     calls = []
-    original = fused.triton_prune
-    monkeypatch.setattr(fused, "triton_prune", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = dispatch.triton_prune
+    monkeypatch.setattr(
+        dispatch, "triton_prune", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
     w = random_weight(4, 96, torch.bfloat16, levels=2)
     before = w.clone()
     stats = random_stats(96, ties=True)
@@ -354,7 +357,7 @@ def test_dispatching_keep_masks(metric, monkeypatch):
 
 
 def test_deferred_nan_checks_raise_once_at_the_end():
-    from optishear_lightning.kernels import deferred_nan_checks
+    from optishear_lightning.dispatch import deferred_nan_checks
 
     magnitude, unstructured = METHODS["magnitude"], parse_pattern("unstructured")
     good, bad = random_weight(3, 64, seed=1), random_weight(3, 64, seed=2)

@@ -1,4 +1,4 @@
-"""2:4 semi-structured export: validation and errors everywhere, the conversion on a GPU."""
+"""2:4 semi-structured tensors: validation and errors everywhere, cuSPARSELt on a GPU."""
 
 from __future__ import annotations
 
@@ -9,14 +9,11 @@ from optishear_lightning.kernels import (
     check_2to4,
     check_semi_structured_support,
     compare_outputs,
-    export_semi_structured,
     is_2to4,
     resolve_backend,
 )
 from optishear_lightning.masks import keep_mask_from_scores
-from optishear_lightning.models import named_prunable_linears
 
-from ..conftest import tiny_llama
 from .conftest import requires_cuda
 
 
@@ -24,12 +21,6 @@ def two_four(rows: int, cols: int, dtype=torch.bfloat16, device="cpu", seed: int
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=gen)
     return (w * keep_mask_from_scores(w.abs(), None, "2:4")).to(device=device, dtype=dtype)
-
-
-def prune_2to4_(model) -> None:
-    with torch.no_grad():
-        for lin in named_prunable_linears(model).values():
-            lin.weight.mul_(keep_mask_from_scores(lin.weight.float().abs(), None, "2:4"))
 
 
 def test_is_2to4_and_check():
@@ -76,52 +67,12 @@ def test_not_2to4_is_refused():
         check_semi_structured_support(w, "cutlass", "q.weight")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
-def test_cpu_tensors_are_refused_and_the_model_is_left_alone():
-    with pytest.raises(ValueError, match="CUDA GPUs only"):
-        check_semi_structured_support(two_four(64, 64), "cutlass")
-    model = tiny_llama(layers=1).to(torch.bfloat16)
-    prune_2to4_(model)
-    before = {n: p.clone() for n, p in model.named_parameters()}
-    with pytest.raises(ValueError, match="CUDA GPUs only"):
-        export_semi_structured(model)
-    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
-
-
-def test_export_validates_every_layer_first():
-    model = tiny_llama(layers=1).to(torch.bfloat16)  # not pruned
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight is not 2:4"):
-        export_semi_structured(model, "cutlass")
-    with pytest.raises(ValueError, match=r"not an nn\.Linear"):
-        export_semi_structured(model, names=["model.layers.0.self_attn"])
-
-
 def test_compare_outputs():
     ref = torch.tensor([1.0, -4.0, 2.0])
     check = compare_outputs(ref, ref + torch.tensor([0.0, 0.05, 0.0]))
     assert check.ok and check.rel_err == pytest.approx(0.0125)
     assert not compare_outputs(ref, ref * 1.1).ok
     assert "max|diff|" in str(check)
-
-
-@requires_cuda
-def test_export_on_gpu_matches_dense():
-    major, _ = torch.cuda.get_device_capability()
-    if major < 8:
-        pytest.skip("needs sparse tensor cores (compute capability 8.0+)")
-    from torch.sparse import SparseSemiStructuredTensor
-
-    model = tiny_llama(layers=2, hidden=128).to(device="cuda", dtype=torch.bfloat16)
-    prune_2to4_(model)
-    ids = torch.randint(0, 128, (2, 64), device="cuda")
-    result = export_semi_structured(model, "cusparselt", example_inputs=ids)
-    assert len(result.names) == 14
-    assert all(check.ok for check in result.layer_checks.values())
-    assert result.model_check is not None and result.model_check.ok
-    for lin in named_prunable_linears(model).values():
-        assert isinstance(lin.weight, SparseSemiStructuredTensor)
-    with pytest.raises(TypeError, match="float32"):
-        check_semi_structured_support(two_four(64, 64, torch.float32, "cuda"), "cusparselt")
 
 
 def test_cusparselt_cached_backend_checks():
@@ -163,26 +114,3 @@ def test_cusparselt_linear_matches_dense():
     assert sparse(x[:, :0]).shape == (2, 0, 128)  # no rows: no plan, an empty output
     with pytest.raises(ValueError, match=r"takes torch\.bfloat16 inputs"):
         sparse(x.float())
-
-
-@requires_cuda
-def test_export_cusparselt_cached_and_restore_on_failure():
-    from optishear_lightning.kernels import CuSparseLtLinear, cusparselt_library_available
-
-    if torch.cuda.get_device_capability()[0] < 8 or not cusparselt_library_available():
-        pytest.skip("needs sparse tensor cores and the cuSPARSELt library")
-    model = tiny_llama(layers=2, hidden=128).to(device="cuda", dtype=torch.bfloat16)
-    prune_2to4_(model)
-    ids = torch.randint(0, 128, (2, 64), device="cuda")
-    with torch.no_grad():
-        dense_logits = model(ids).logits
-    originals = named_prunable_linears(model)
-    with pytest.raises(ValueError, match="differs from dense"):  # rtol < 0: every check fails
-        export_semi_structured(model, "cusparselt_cached", rtol=-1.0)
-    assert named_prunable_linears(model) == originals  # the dense modules are back
-    result = export_semi_structured(model, "cusparselt_cached", example_inputs=ids)
-    assert len(result.names) == 14 and result.model_check.ok
-    modules = dict(model.named_modules())
-    assert all(isinstance(modules[n], CuSparseLtLinear) for n in result.names)
-    with torch.no_grad():
-        assert compare_outputs(dense_logits, model(ids).logits, rtol=2.0**-4).ok

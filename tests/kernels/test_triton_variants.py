@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optishear_lightning.kernels import FusedScore, fused_score, reference_keep_mask, triton_prune
+from optishear_lightning.dispatch import fused_score, reference_keep_mask, triton_prune
+from optishear_lightning.kernels import FusedScore
 from optishear_lightning.masks import keep_mask_from_scores, num_pruned, parse_pattern
 from optishear_lightning.metrics import METHODS
 from optishear_lightning.search.space import MetaMetric

@@ -30,6 +30,7 @@ from optishear_lightning.search import (
 from optishear_lightning.search.config import SearchConfig
 from optishear_lightning.search.context import SearchContext
 from optishear_lightning.search.ratios import non_dominated
+from optishear_lightning.search.result import atomic_write_json
 from optishear_lightning.search.windows import split_calibration
 
 from ..conftest import tiny_llama
@@ -411,6 +412,22 @@ def test_interrupted_search_resumes(result, tmp_path, monkeypatch):
     assert resumed.metric == result.metric
     assert resumed.history == result.history
     assert_unchanged(m, before)
+
+
+def test_unwritable_state_path_fails_before_any_work(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    m = model()
+    monkeypatch.setattr(driver, "SearchContext", _untouchable)
+    with pytest.raises(PermissionError, match=r"state_path .*a_file"):
+        search(m, state_path=blocker / "state.json")
+
+
+def test_saving_a_result_under_a_file_names_the_path(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="a_file"):
+        atomic_write_json(blocker / "result.json", {"a": 1})
 
 
 def test_state_of_another_search_is_refused(tmp_path, monkeypatch):

@@ -1,17 +1,26 @@
-"""GPU kernels: fused pruning (Triton) and 2:4 semi-structured export.
+"""GPU kernels: the leaves of the package (they import only PyTorch, Triton and each other).
 
-- :mod:`.fused`: score + select + mask in one Triton kernel launch per matrix, masks
-  identical to the PyTorch engine's (tie-break included); the engine calls them on CUDA.
+- :mod:`.fused`: score + select + mask in one Triton kernel launch per matrix
+  (:func:`launch_prune`, taking plain tensors and numbers), masks identical to the PyTorch
+  engine's (tie-break included). Which pruning runs on them is the engine's dispatch,
+  :mod:`optishear_lightning.dispatch`.
 - :mod:`.backend`: which implementation runs (``OPTISHEAR_KERNELS=auto|triton|torch``,
   :func:`set_kernel_backend`, :func:`kernel_backend`).
-- :mod:`.semi_structured`: convert 2:4-pruned linears to PyTorch's semi-structured sparse
-  format for faster inference, and check the outputs against the dense model.
+- :mod:`.semi_structured`: 2:4 semi-structured sparse tensors (backends, checks, conversion of
+  one weight); converting a whole model is :mod:`optishear_lightning.export`.
 - :mod:`.cusparselt`: :class:`CuSparseLtLinear`, a 2:4 linear on cuSPARSELt that builds its
   matmul plans once (the ``"cusparselt_cached"`` export backend).
+- :mod:`.two_four`: the 2:4 checks both share.
 
-Importing this package does not import Triton: the kernels are loaded on first use.
+Importing this package does not import Triton: the kernels are loaded on first use. The names
+that moved to :mod:`optishear_lightning.dispatch` and :mod:`optishear_lightning.export`
+(``triton_prune``, ``fused_score``, ``export_semi_structured``, ...) still resolve here for one
+release, with a ``DeprecationWarning``.
 """
 
+from typing import Any
+
+from ._deprecated import MOVED_FROM_PACKAGE, moved_attribute
 from .backend import (
     ENV_VAR,
     KernelBackend,
@@ -21,32 +30,28 @@ from .backend import (
     set_kernel_backend,
     triton_available,
 )
-from .cusparselt import CuSparseLtError, CuSparseLtLinear, cusparselt_library_available
+from .cusparselt import (
+    CuSparseLtError,
+    CuSparseLtLinear,
+    check_cusparselt_support,
+    cusparselt_library_available,
+)
 from .fused import (
     FUSABLE_TRANSFORMS,
     KERNEL_DTYPES,
     FusedScore,
-    deferred_nan_checks,
-    dispatch_keep_mask,
-    fused_keep_mask,
-    fused_score,
-    keep_mask,
-    reference_keep_mask,
-    triton_prune,
-    try_fused_prune_,
-    try_select_prune_,
+    check_operands,
+    launch_prune,
 )
 from .semi_structured import (
     SEMI_STRUCTURED_BACKENDS,
     OutputCheck,
-    SemiStructuredExport,
-    check_2to4,
     check_semi_structured_support,
     compare_outputs,
-    export_semi_structured,
-    is_2to4,
     resolve_backend,
+    to_semi_structured,
 )
+from .two_four import check_2to4, is_2to4, sparse_tensor_core_capability
 
 __all__ = [
     "ENV_VAR",
@@ -58,26 +63,25 @@ __all__ = [
     "FusedScore",
     "KernelBackend",
     "OutputCheck",
-    "SemiStructuredExport",
     "check_2to4",
+    "check_cusparselt_support",
+    "check_operands",
     "check_semi_structured_support",
     "compare_outputs",
     "cusparselt_library_available",
-    "deferred_nan_checks",
-    "dispatch_keep_mask",
-    "export_semi_structured",
-    "fused_keep_mask",
-    "fused_score",
     "get_kernel_backend",
     "is_2to4",
-    "keep_mask",
     "kernel_backend",
     "kernels_for",
-    "reference_keep_mask",
+    "launch_prune",
     "resolve_backend",
     "set_kernel_backend",
+    "sparse_tensor_core_capability",
+    "to_semi_structured",
     "triton_available",
-    "triton_prune",
-    "try_fused_prune_",
-    "try_select_prune_",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Names that moved to the engine (dispatch, export) resolve for one more release.
+    return moved_attribute(__name__, name, MOVED_FROM_PACKAGE)

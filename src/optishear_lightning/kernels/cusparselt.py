@@ -30,7 +30,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["CuSparseLtError", "CuSparseLtLinear", "cusparselt_library_available"]
+from .two_four import check_2to4, sparse_tensor_core_capability
+
+__all__ = [
+    "CuSparseLtError",
+    "CuSparseLtLinear",
+    "check_cusparselt_support",
+    "cusparselt_library_available",
+]
 
 # Opaque cuSPARSELt structs are 512 to 11,024 bytes depending on the version; they are only
 # passed by pointer, so a generous buffer fits every version.
@@ -195,6 +202,38 @@ def cusparselt_library_available() -> bool:
     return True
 
 
+def check_cusparselt_support(weight: torch.Tensor, name: str = "weight") -> None:
+    """Raise a clear error unless :class:`CuSparseLtLinear` can take ``weight``.
+
+    Checks, in order: dtype, sizes, 2:4 sparsity, the GPU, the library.
+
+    Raises:
+        TypeError: not float16 or bfloat16.
+        ValueError: sizes not multiples of 16 (or below 32), not 2:4 sparse, not on a GPU.
+        RuntimeError: a GPU without sparse tensor cores, or no loadable cuSPARSELt.
+    """
+    if weight.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"{name} is {str(weight.dtype).replace('torch.', '')}; the cusparselt_cached backend "
+            "takes float16 or bfloat16: cast the model (e.g. model.to(torch.bfloat16))."
+        )
+    if weight.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (out_features, in_features), got {weight.shape}.")
+    rows, cols = weight.shape
+    if rows % 16 or cols % 16 or min(rows, cols) < 32:
+        raise ValueError(
+            f"{name} is {rows}x{cols}; the cusparselt_cached backend needs both sizes multiples "
+            "of 16 and at least 32. Leave this layer dense."
+        )
+    check_2to4(weight, name)
+    sparse_tensor_core_capability(weight, name)
+    if not cusparselt_library_available():
+        raise RuntimeError(
+            "The cuSPARSELt library (libcusparseLt.so.0) could not be loaded: use a CUDA build "
+            "of PyTorch with cuSPARSELt, or backend='cusparselt'/'cutlass'."
+        )
+
+
 def _opaque() -> ctypes.Array:
     return ctypes.create_string_buffer(_OPAQUE_BYTES)
 
@@ -267,8 +306,6 @@ class CuSparseLtLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, search: bool = True) -> None:
         super().__init__()
-        from .semi_structured import _check_cached_support
-
         weight = linear.weight.detach()
         if weight.device.type != "cuda":  # where the weight lives comes first for a module
             raise ValueError(
@@ -276,7 +313,7 @@ class CuSparseLtLinear(nn.Module):
                 "to the GPU first."
             )
         # The export backend's checks: dtype, sizes, 2:4, GPU, library.
-        _check_cached_support(weight, "weight")
+        check_cusparselt_support(weight, "weight")
         out_features, in_features = weight.shape
         self.in_features, self.out_features = in_features, out_features
         self.search = search

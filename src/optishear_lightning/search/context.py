@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..calibration import LayerStats, run_sequential
-from ..kernels.fused import dispatch_keep_mask, keep_mask
+from ..dispatch import dispatch_keep_mask, keep_mask
 from ..masks import SparsityPattern, num_pruned
 from ..models import find_decoder_blocks, find_prunable_linears
 from .objectives import Objective, get_objective

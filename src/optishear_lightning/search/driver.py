@@ -34,9 +34,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..masks import parse_pattern, validate_sparsity
+from ..masks import check_group, parse_pattern, validate_sparsity
 from ..metrics import PruningMethod, get_method
 from ..models import find_decoder_blocks
+from ..progress import ProgressBar
 from ..pruning import (
     PruneResult,
     as_calibration_batches,
@@ -152,8 +153,7 @@ class _Search:
             if self.pat.is_nm
             else validate_sparsity(sparsity, "target sparsity")
         )
-        if group not in ("row", "layer"):
-            raise ValueError(f"Unknown comparison group {group!r}: use 'row' or 'layer'.")
+        check_group(group, self.pat)
         self.model, self.group, self.cfg, self.batch_size = model, group, cfg, batch_size
         if cfg.permute and not self.pat.is_nm:
             raise ValueError(
@@ -172,7 +172,9 @@ class _Search:
         self.device = device
         self.rows = torch.cat(as_calibration_batches(calibration, batch_size))
         check_token_ids([self.rows], model)
-        self.windows: SearchWindows = split_calibration(self.rows, cfg, batch_size)
+        self.windows: SearchWindows = split_calibration(
+            self.rows, cfg, batch_size, getattr(model.config, "bos_token_id", None)
+        )
         self.n_blocks = len(find_decoder_blocks(model)[1])
         self.weights_digest = weights_digest(model)
         self.uniform = [self.target] * self.n_blocks
@@ -273,7 +275,7 @@ class _Search:
         t0 = time.perf_counter()
         sparsity = None if self.pat.is_nm else self.target
         self.screened = []
-        with _bar(len(self.pool), "metric proxy", self.progress) as bar:
+        with ProgressBar(len(self.pool), "metric proxy", self.progress) as bar:
             for i, m in enumerate(self.pool):
                 entry = {"kind": "metric_proxy", "metric": m.to_dict()}
                 hit = self.cache.get(json_key(entry))
@@ -296,7 +298,7 @@ class _Search:
         if WANDA not in top:
             top.append(WANDA)
         errs = []
-        with _bar(len(top), "metric objective", self.progress) as bar:
+        with ProgressBar(len(top), "metric objective", self.progress) as bar:
             for m in top:
                 errs.append(self.model_error(m, self.uniform, "metric"))
                 bar.update(1)
@@ -309,7 +311,7 @@ class _Search:
         t0 = time.perf_counter()
         cand, target = self.cand, self.target
         uniform_choice = cand.index(min(cand, key=lambda c: abs(c - target)))
-        with _bar(self.cfg.budget, "ratio search", self.progress) as bar:
+        with ProgressBar(self.cfg.budget, "ratio search", self.progress) as bar:
 
             def evaluate(x: np.ndarray) -> tuple[float, float]:
                 ratios = [cand[int(i)] for i in x]
@@ -360,7 +362,7 @@ class _Search:
         """Phase 4: really prune each finalist, score it on objective and validation windows."""
         t0 = time.perf_counter()
         picks = self.finalist_candidates()
-        with _bar(len(picks), "finalists", self.progress) as bar:
+        with ProgressBar(len(picks), "finalists", self.progress) as bar:
             for method, ratios, source in picks:
                 self.finalists.append(self._validate(method, ratios, source))
                 bar.update(1)
@@ -549,28 +551,6 @@ def _same_device(a: torch.device, b: str | torch.device) -> bool:
     """``cuda`` and ``cuda:0`` name the same device when one of them has no index."""
     b = torch.device(b)
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
-
-
-class _bar:
-    """A tqdm bar when ``enabled``, else a stand-in that ignores updates."""
-
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="cand")
-
-    def __enter__(self) -> _bar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-    def update(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
 
 
 def _model_id(model: nn.Module) -> str:

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..metrics import PruningMethod, get_method
 from ..models import find_decoder_blocks, named_prunable_linears
+from ..pruning import check_writable_parent
 from .space import MetaMetric
 
 __all__ = [
@@ -49,6 +50,9 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     which would make every result and state file ``-rw-------`` whatever the umask.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a JSON file path inside it.")
+    check_writable_parent(path, "JSON file")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
@@ -129,7 +133,7 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from .. import __version__
+    from .._version import __version__
 
     return {
         "optishear_lightning": __version__,
@@ -298,7 +302,11 @@ class SearchState:
                 f"state_path {path} is a directory; give a file path inside it, e.g. "
                 f"{Path(path) / 'search_state.json'}."
             )
-        if path is None or not Path(path).exists():
+        if path is None:
+            return cls(fingerprint)
+        if not Path(path).exists():
+            # Checked now, not at the first save after minutes of work.
+            check_writable_parent(path, "state_path")
             return cls(fingerprint)
         data = _read_json(path, "Search state")
         if data.get("kind") != "search_state" or not isinstance(data.get("history"), list):

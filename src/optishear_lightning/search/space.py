@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..calibration import LayerStats
-from ..kernels.fused import try_fused_prune_
+from ..dispatch import FUSABLE_TRANSFORMS, FusedRecipe, try_fused_prune_
 from ..masks import SparsityPattern
 from ..metrics import PruningMethod, prune_by_scores_
 
@@ -163,6 +163,33 @@ class MetaMetric(PruningMethod):
         big = torch.finfo(torch.float32).max
         return (NORMALISERS[self.b](x) * TRANSFORMS[self.f2](x.sqrt())).clamp(-big, big)
 
+    def fused_recipe(self) -> FusedRecipe | None:
+        """What the fused Triton kernel needs to score like :meth:`score`.
+
+        ``None`` when ``F1`` has no bit-exact kernel (``exp``, ``log``, ``sigmoid``,
+        ``softmax``): PyTorch scores, then the select-only kernel.
+        """
+        if self.f1 not in FUSABLE_TRANSFORMS:
+            return None
+        if self.a == "none":  # NORMALISERS["none"] is a 1: multiplying by it changes nothing
+            norm, weight_stats = "none", None
+        elif self.a == "relative_sum":
+            # The reference reciprocates the broadcast sum: pass both sums, add in the kernel.
+            norm = "relative"
+
+            def weight_stats(w: Tensor) -> tuple[Tensor, Tensor]:
+                return w.sum(dim=1, keepdim=True), w.sum(dim=0, keepdim=True)
+
+        else:  # a factor whose shape (scalar, row, column) the dispatch reads
+            norm, weight_stats = "factor", NORMALISERS[self.a]
+        return FusedRecipe(
+            transform=self.f1,
+            activation=self.x_part,
+            weight_norm=norm,
+            weight_stats=weight_stats,
+            clamp=True,
+        )
+
     def prune_(
         self,
         weight: Tensor,
@@ -188,6 +215,10 @@ class MetaMetric(PruningMethod):
         if unknown:
             raise ValueError(f"Unknown MetaMetric fields {sorted(unknown)}.")
         return cls(**data)
+
+    @property
+    def formula(self) -> str:
+        return str(self)
 
     def __str__(self) -> str:
         w = _SYMBOL[self.a].format(v="|W|") + _FN[self.f1].format(v="|W|")

@@ -4,6 +4,9 @@ The calibration rows are split, never shared: the last rows are cut into short v
 windows, the rows before them into short objective windows, and the rest collect the
 activation statistics that masks are chosen from. So the search never scores a candidate on
 text its masks were fitted to, and the final decision is made on text the search never saw.
+
+Short windows follow the calibration's BOS protocol: when every calibration row starts with
+the model's BOS (``bos_per_window``, on by default for Gemma), every short window does too.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data import evaluation_windows
 from .config import SearchConfig
 
 __all__ = ["SearchWindows", "split_calibration"]
@@ -27,14 +31,33 @@ class SearchWindows:
     validation: list[torch.Tensor]
 
 
-def _cut(rows: torch.Tensor, seq_len: int, count: int, batch_size: int) -> list[torch.Tensor]:
-    per_row = rows.shape[1] // seq_len
-    windows = rows[:, : per_row * seq_len].reshape(-1, seq_len)[:count]
-    return list(windows.split(batch_size))
+def _cut(
+    rows: torch.Tensor, seq_len: int, count: int, batch_size: int, bos_token_id: int | None
+) -> list[torch.Tensor]:
+    windows = torch.cat(
+        [evaluation_windows(row, seq_len, bos_token_id=bos_token_id) for row in rows]
+    )
+    return list(windows[:count].split(batch_size))
 
 
-def split_calibration(rows: torch.Tensor, config: SearchConfig, batch_size: int) -> SearchWindows:
+def _shared_bos(rows: torch.Tensor, bos_token_id: int | None) -> int | None:
+    """``bos_token_id`` if every row starts with it (windows were cut BOS-first), else None."""
+    if bos_token_id is None or rows.numel() == 0:
+        return None
+    return bos_token_id if bool((rows[:, 0] == bos_token_id).all()) else None
+
+
+def split_calibration(
+    rows: torch.Tensor, config: SearchConfig, batch_size: int, bos_token_id: int | None = None
+) -> SearchWindows:
     """Split ``(n, seq_len)`` calibration rows into statistics, objective and validation.
+
+    Args:
+        rows: the calibration token rows.
+        config: the search settings (window counts and length).
+        batch_size: rows per batch of every role.
+        bos_token_id: the model's BOS id; when every row starts with it, so does every short
+            window (its other tokens move one place on, none is dropped or repeated).
 
     Raises:
         ValueError: windows longer than the calibration rows, or so many that no row would be
@@ -60,8 +83,9 @@ def split_calibration(rows: torch.Tensor, config: SearchConfig, batch_size: int)
         )
     validation = rows[n - validation_rows :]
     objective = rows[left : n - validation_rows]
+    bos = _shared_bos(rows, bos_token_id)
     return SearchWindows(
         statistics=list(rows[:left].split(batch_size)),
-        objective=_cut(objective, short, config.objective_samples, batch_size),
-        validation=_cut(validation, short, config.validation_samples, batch_size),
+        objective=_cut(objective, short, config.objective_samples, batch_size, bos),
+        validation=_cut(validation, short, config.validation_samples, batch_size, bos),
     )

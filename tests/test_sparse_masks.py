@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from optishear_lightning.finetuning import SparseMasks, pack_bits, unpack_bits
+from optishear_lightning.sparse_masks import SparseMasks, pack_bits, unpack_bits
 
 
 @pytest.mark.parametrize("shape", [(1,), (3, 5), (8, 8), (7, 13)])
@@ -77,3 +77,18 @@ def test_masks_for_another_model_are_refused():
         SparseMasks(model, {"5.weight": torch.ones(4, 6, dtype=torch.bool)})
     with pytest.raises(ValueError, match="another model"):
         SparseMasks(model, {"2.weight": torch.ones(6, 4, dtype=torch.bool)})
+
+
+def test_finetuning_path_is_deprecated_but_works():
+    # The old module keeps its names for one release, each use with a DeprecationWarning.
+    import optishear_lightning
+    from optishear_lightning import finetuning
+
+    with pytest.warns(DeprecationWarning, match="moved to optishear_lightning.sparse_masks"):
+        from optishear_lightning.finetuning import SparseMasks as Old
+    assert Old is SparseMasks
+    with pytest.warns(DeprecationWarning):
+        assert finetuning.pack_bits is pack_bits
+    with pytest.raises(AttributeError):
+        finetuning.no_such_name  # noqa: B018
+    assert optishear_lightning.SparseMasks is SparseMasks  # the package root: no warning

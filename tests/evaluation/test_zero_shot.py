@@ -1,38 +1,29 @@
-"""Tests for optishear_lightning.evaluation (offline; tiny random models)."""
+"""Tests for optishear_lightning.evaluation.zero_shot (offline; tiny random models)."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from optishear_lightning.evaluation import (
+from optishear_lightning.evaluation.zero_shot import (
     TASK_FILES,
     MultipleChoiceExample,
     encode_pair,
-    format_sparsity_report,
     load_task,
-    overall_sparsity,
-    perplexity,
     rank_choices,
     score_choices,
-    sparsity_report,
-    tokenize_for_eval,
     zero_shot_accuracy,
 )
 
-ZEROSHOT_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "zeroshot"
+ZEROSHOT_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "zeroshot"
 needs_zeroshot_data = pytest.mark.skipif(
     not ZEROSHOT_DIR.is_dir(), reason=f"shared zero-shot data not found at {ZEROSHOT_DIR}"
 )
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 CHOICE_COUNTS = {
     "arc_easy": {3, 4, 5},
@@ -46,124 +37,7 @@ CHOICE_COUNTS = {
 }
 
 
-def tiny_llama(vocab_size: int = 128, hidden_size: int = 32) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def llama() -> LlamaForCausalLM:
-    return tiny_llama()
-
-
-# --------------------------------------------------------------------------------------------
-# Perplexity
-# --------------------------------------------------------------------------------------------
-
-
-def wanda_eval_ppl(model: nn.Module, input_ids: torch.Tensor, seq_len: int, bs: int = 1) -> float:
-    """Brute-force copy of Wanda's ``eval_ppl_wikitext`` loop."""
-    testenc = input_ids.reshape(1, -1)
-    nsamples = testenc.numel() // seq_len
-    nlls = []
-    with torch.no_grad():
-        for i in range(0, nsamples, bs):
-            j = min(i + bs, nsamples)
-            inputs = testenc[:, i * seq_len : j * seq_len].reshape(j - i, seq_len)
-            lm_logits = model(inputs).logits
-            shift_logits = lm_logits[:, :-1, :].contiguous()
-            shift_labels = inputs[:, 1:]
-            loss = nn.CrossEntropyLoss()(
-                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1)
-            )
-            nlls.append(loss.float() * seq_len * (j - i))
-    return torch.exp(torch.stack(nlls).sum() / (nsamples * seq_len)).item()
-
-
-@pytest.mark.parametrize("batch_size", [1, 2])
-def test_perplexity_matches_wanda_loop(llama: LlamaForCausalLM, batch_size: int) -> None:
-    torch.manual_seed(1)
-    # 5 windows and a remainder that must be dropped; batch_size=2 leaves a partial last batch.
-    ids = torch.randint(0, 128, (5 * 32 + 7,))
-    expected = wanda_eval_ppl(llama, ids, seq_len=32)
-    got = perplexity(llama, ids, seq_len=32, batch_size=batch_size)
-    assert got == pytest.approx(expected, rel=1e-4)
-    assert perplexity(llama, ids.unsqueeze(0), seq_len=32) == pytest.approx(expected, rel=1e-4)
-
-
-def test_perplexity_max_windows(llama: LlamaForCausalLM) -> None:
-    torch.manual_seed(2)
-    ids = torch.randint(0, 128, (4 * 16,))
-    two = perplexity(llama, ids, seq_len=16, max_windows=2)
-    assert two == pytest.approx(wanda_eval_ppl(llama, ids[: 2 * 16], seq_len=16), rel=1e-4)
-    assert two != pytest.approx(perplexity(llama, ids, seq_len=16), rel=1e-4)
-    # More windows than the text holds is not an error: all of them are used.
-    assert perplexity(llama, ids, seq_len=16, max_windows=99) == pytest.approx(
-        perplexity(llama, ids, seq_len=16), rel=1e-6
-    )
-
-
-def test_perplexity_rejects_bad_input(llama: LlamaForCausalLM) -> None:
-    ids = torch.randint(0, 128, (20,))
-    with pytest.raises(ValueError, match=r"fewer than one window.*smaller seq_len"):
-        perplexity(llama, ids, seq_len=32)
-    with pytest.raises(ValueError, match="seq_len"):
-        perplexity(llama, ids, seq_len=1)
-    with pytest.raises(ValueError, match="one token sequence"):
-        perplexity(llama, ids.reshape(2, 10), seq_len=4)
-    with pytest.raises(ValueError, match="max_windows"):
-        perplexity(llama, ids, seq_len=4, max_windows=0)
-
-
-class NextTokenOracle(nn.Module):
-    """Puts a logit of ``scale`` on the token at ``position + shift``; zero logits elsewhere."""
-
-    def __init__(self, vocab_size: int, scale: float, shift: int = 1) -> None:
-        super().__init__()
-        self.vocab_size, self.scale, self.shift = vocab_size, scale, shift
-        self.calls: list[dict] = []
-
-    def forward(self, input_ids: torch.Tensor, **kwargs) -> SimpleNamespace:
-        self.calls.append(kwargs)
-        target = torch.roll(input_ids, -self.shift, dims=1)
-        logits = nn.functional.one_hot(target, self.vocab_size).float() * self.scale
-        return SimpleNamespace(logits=logits)
-
-
-def test_perplexity_perfect_predictor_is_one() -> None:
-    torch.manual_seed(3)
-    ids = torch.randint(0, 128, (3 * 10,))
-    oracle = NextTokenOracle(128, scale=50.0)
-    assert perplexity(oracle, ids, seq_len=10) == pytest.approx(1.0, abs=1e-4)
-    assert all(call.get("use_cache") is False for call in oracle.calls)
-    # An off-by-one shift would score the oracle's confident guesses against the wrong tokens.
-    assert perplexity(NextTokenOracle(128, scale=50.0, shift=0), ids, seq_len=10) > 1e10
-
-
-def test_perplexity_uniform_predictor_is_vocab_size() -> None:
-    ids = torch.randint(0, 128, (40,))
-    assert perplexity(NextTokenOracle(128, scale=0.0), ids, seq_len=8) == pytest.approx(128.0)
-
-
-def test_perplexity_restores_training_mode(llama: LlamaForCausalLM) -> None:
-    llama.train()
-    try:
-        perplexity(llama, torch.randint(0, 128, (16,)), seq_len=8)
-        assert llama.training and all(m.training for m in llama.modules())
-    finally:
-        llama.eval()
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,25 +63,6 @@ def smol_model(tokenizer) -> LlamaForCausalLM:
     with torch.no_grad():
         model.lm_head.weight.normal_(std=1.0)
     return model
-
-
-def test_tokenize_for_eval_whole_text_quietly(tokenizer, monkeypatch) -> None:
-    warnings: list[str] = []
-    monkeypatch.setattr(
-        transformers.tokenization_utils_base.logger, "warning", lambda msg, *a: warnings.append(msg)
-    )
-    monkeypatch.setattr(tokenizer, "model_max_length", 8)
-    monkeypatch.setattr(tokenizer, "deprecation_warnings", {})
-    text = "The quick brown fox jumps over the lazy dog.\n\n" * 20
-
-    ids = tokenize_for_eval(tokenizer, text)
-
-    assert ids.dtype == torch.long and ids.dim() == 1
-    assert ids.numel() > 8  # not truncated to model_max_length
-    assert warnings == []
-    # A plain call does warn, so the check above could have seen tokenize_for_eval's warning.
-    assert ids.tolist() == tokenizer(text)["input_ids"]
-    assert any("longer than the specified maximum" in w for w in warnings)
 
 
 @pytest.mark.parametrize(
@@ -427,47 +282,3 @@ def test_zero_shot_accuracy_end_to_end(smol_model, tokenizer) -> None:
         results["arc_easy"]["acc_norm"]
         == sum(p == e.gold for (_, p), e in zip(picks, examples, strict=True)) / 2
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Sparsity
-# --------------------------------------------------------------------------------------------
-
-
-def test_sparsity_report_counts_known_zeros() -> None:
-    model = tiny_llama()
-    q_proj = model.model.layers[0].self_attn.q_proj
-    down_proj = model.model.layers[1].mlp.down_proj
-    with torch.no_grad():
-        q_proj.weight[:2] = 0  # 2 rows x 32 = 64 zeros of 1024
-        down_proj.weight[:, ::2] = 0  # half of 32 x 64
-        model.lm_head.weight.zero_()  # outside the decoder blocks: must not be reported
-
-    rows = sparsity_report(model)
-
-    names = [row["name"] for row in rows]
-    assert len(names) == 2 * 7 and not any("lm_head" in n or "embed" in n for n in names)
-    by_name = {row["name"]: row for row in rows}
-    q = by_name["model.layers.0.self_attn.q_proj"]
-    assert (q["shape"], q["numel"], q["zeros"]) == ((32, 32), 1024, 64)
-    assert q["sparsity"] == pytest.approx(64 / 1024)
-    assert by_name["model.layers.1.mlp.down_proj"]["sparsity"] == pytest.approx(0.5)
-    others = [r for r in rows if r["name"] not in {q["name"], "model.layers.1.mlp.down_proj"}]
-    assert all(r["zeros"] == 0 for r in others)
-    total = sum(r["numel"] for r in rows)
-    assert overall_sparsity(rows) == pytest.approx((64 + 1024) / total)
-
-    table = format_sparsity_report(rows)
-    assert "model.layers.0.self_attn.q_proj" in table and "6.25%" in table
-    assert table.splitlines()[-1].split()[0] == "overall"
-    assert f"{(64 + 1024) / total:.2%}" in table.splitlines()[-1]
-
-    explicit = sparsity_report(model, modules={"q": q_proj})
-    assert [(r["name"], r["zeros"]) for r in explicit] == [("q", 64)]
-    assert sparsity_report({"q": q_proj}) == explicit
-
-
-def test_sparsity_report_needs_layers() -> None:
-    with pytest.raises(ValueError, match="modules="):
-        sparsity_report(nn.Sequential(nn.Linear(2, 2)))
-    assert math.isclose(overall_sparsity([]), 0.0)
