@@ -67,12 +67,12 @@ if ARGS.device == "cpu":
 import torch  # noqa: E402
 
 from optishear_lightning.calibration import LayerStats  # noqa: E402
-from optishear_lightning.kernels import (  # noqa: E402
+from optishear_lightning.dispatch import (  # noqa: E402
     deferred_nan_checks,
     fused_score,
-    kernel_backend,
     triton_prune,
 )
+from optishear_lightning.kernels import kernel_backend  # noqa: E402
 from optishear_lightning.masks import parse_pattern  # noqa: E402
 from optishear_lightning.metrics import METHODS  # noqa: E402
 

@@ -32,15 +32,15 @@ import torch
 import torch.nn.functional as F
 from llama3_8b import LLAMA3_8B, SHAPES_8B
 
+from optishear_lightning.dispatch import triton_prune
+from optishear_lightning.export import _restore as restore_dense_linears
+from optishear_lightning.export import export_semi_structured
 from optishear_lightning.kernels import (
     FusedScore,
     check_semi_structured_support,
     compare_outputs,
-    export_semi_structured,
     resolve_backend,
-    triton_prune,
 )
-from optishear_lightning.kernels.semi_structured import _restore as restore_dense_linears
 from optishear_lightning.masks import keep_mask_from_scores
 from optishear_lightning.models import named_prunable_linears
 
