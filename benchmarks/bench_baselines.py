@@ -37,35 +37,47 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import math
 import os
-import platform
 import re
-import resource
-import shlex
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from harness import (
+    REPO_ROOT,
+    MiB,
+    RssSampler,
+    command_line,
+    current_rss,
+    describe_environment,
+    log,
+    md_table,
+    ru_maxrss,
+    script_command,
+    src_digest,
+    sync,
+    use_source_tree,
+    utc_now,
+    write_json,
+    write_text_atomic,
+)
+
 DEFAULT_CALIB = (
     REPO_ROOT / ".." / "shared" / "data" / "c4" / "c4-train.00000-of-01024.head1041.jsonl"
 )
 DEFAULT_EVAL = REPO_ROOT / ".." / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 ALL_METHODS = ("magnitude", "wanda", "ria", "sparsegpt")
 ALL_CONFIGS = ("0.5", "2:4", "4:8", "0.6", "0.7")
-MiB = 2**20
+RUN_KEYS = ("key", "config", "method", "pattern", "sparsity")
 
 # Let `python benchmarks/bench_baselines.py` work from a source checkout that is not installed.
-if (REPO_ROOT / "src" / "optishear_lightning").is_dir():
-    sys.path.insert(0, str(REPO_ROOT / "src"))
+use_source_tree()
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,172 +124,8 @@ def build_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------
-# Environment description
-# --------------------------------------------------------------------------------------------
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _ram_bytes() -> int | None:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
-def _package_version(name: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        pass
-    if name == "optishear-lightning":
-        with contextlib.suppress(OSError):
-            m = re.search(
-                r'^version\s*=\s*"([^"]+)"', (REPO_ROOT / "pyproject.toml").read_text(), re.M
-            )
-            if m:
-                return f"{m.group(1)} (source tree, not installed)"
-    return "not installed"
-
-
-def src_digest() -> str | None:
-    """SHA-256 (12 hex digits) of the engine's source files, to tell which code a row ran."""
-    import hashlib
-
-    files = sorted((REPO_ROOT / "src" / "optishear_lightning").glob("*.py"))
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()[:12]
-
-
-def _git_revision() -> str | None:
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no", "src"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        return rev + (" (src/ modified)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def describe_environment(device: str) -> dict[str, Any]:
-    import torch
-
-    env: dict[str, Any] = {
-        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "hostname": platform.node(),
-        "os": platform.platform(),
-        "cpu": _cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "ram_bytes": _ram_bytes(),
-        "gpu": None,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": _package_version("transformers"),
-            "optishear_lightning": _package_version("optishear-lightning"),
-            "gguf": _package_version("gguf"),
-            "torchmetrics": _package_version("torchmetrics"),
-        },
-        "git_revision": _git_revision(),
-        "src_digest": src_digest(),
-    }
-    if torch.cuda.is_available():
-        index = torch.device(device).index or 0 if device.startswith("cuda") else 0
-        props = torch.cuda.get_device_properties(index)
-        env["gpu"] = {
-            "name": torch.cuda.get_device_name(index),
-            "memory_bytes": props.total_memory,
-            "count": torch.cuda.device_count(),
-            "cuda": torch.version.cuda,
-        }
-    return env
-
-
-# --------------------------------------------------------------------------------------------
-# Memory measurement
-# --------------------------------------------------------------------------------------------
-
-
-def _current_rss() -> int | None:
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def _ru_maxrss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class RssSampler:
-    """Peak of the process's current RSS, sampled every ``interval`` seconds in a thread."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval = interval
-        self.peak = _current_rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            rss = _current_rss()
-            if rss is not None and (self.peak is None or rss > self.peak):
-                self.peak = rss
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        rss = _current_rss()
-        if rss is not None and (self.peak is None or rss > self.peak):
-            self.peak = rss
-
-
-# --------------------------------------------------------------------------------------------
 # One configuration
 # --------------------------------------------------------------------------------------------
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def run_config(
@@ -290,9 +138,9 @@ def run_config(
     from optishear_lightning.pruning import prune
 
     device = opts["device"]
-    out: dict[str, Any] = {k: run[k] for k in ("key", "config", "method", "pattern", "sparsity")}
-    out["rss_before_prune_bytes"] = _current_rss()
-    out["ru_maxrss_before_prune_bytes"] = _ru_maxrss()
+    out: dict[str, Any] = {k: run[k] for k in RUN_KEYS}
+    out["rss_before_prune_bytes"] = current_rss()
+    out["ru_maxrss_before_prune_bytes"] = ru_maxrss()
     if run["method"] != "dense":
         nm = run["pattern"] != "unstructured"
         if device.startswith("cuda"):
@@ -310,13 +158,13 @@ def run_config(
                 batch_size=opts["batch_size"],
                 keep_masks=False,
             )
-            _sync(device)
+            sync(device)
             out["prune_s"] = time.perf_counter() - started
         out["prune_s_engine"] = result.seconds
         out["overall_sparsity"] = result.overall_sparsity
         out["engine_peak_memory"] = dict(result.peak_memory)
         out["rss_peak_during_prune_bytes"] = sampler.peak
-        out["ru_maxrss_after_prune_bytes"] = _ru_maxrss()
+        out["ru_maxrss_after_prune_bytes"] = ru_maxrss()
         if device.startswith("cuda"):
             out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
             out["cuda_peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
@@ -331,7 +179,7 @@ def run_config(
         batch_size=opts["eval_batch_size"],
         max_windows=opts["eval_windows"],
     )
-    _sync(device)
+    sync(device)
     out["eval_s"] = time.perf_counter() - started
     out["ppl"] = ppl
     log(f"{run['key']}: perplexity {ppl:.3f} ({out['eval_s']:.1f}s)")
@@ -343,7 +191,7 @@ def _load(opts: dict[str, Any]) -> tuple[Any, float]:
 
     started = time.perf_counter()
     model = load_model(opts["model"], dtype=opts["dtype"], device=opts["device"])
-    _sync(opts["device"])
+    sync(opts["device"])
     return model, time.perf_counter() - started
 
 
@@ -370,7 +218,7 @@ def _safe_run(run, make_model, calib, tokens, opts) -> dict[str, Any]:
     except Exception as err:  # record and go on with the next configuration
         log(f"{run['key']}: FAILED: {err!r}")
         return {
-            **{k: run[k] for k in ("key", "config", "method", "pattern", "sparsity")},
+            **{k: run[k] for k in RUN_KEYS},
             "error": f"{type(err).__name__}: {err}",
             "traceback": traceback.format_exc(),
         }
@@ -392,7 +240,7 @@ def worker_main(spec_path: str, result_path: str) -> int:
 
     res = _safe_run(run, make_model, data["calib"], data["tokens"], opts)
     res["model_info"] = info
-    res["ru_maxrss_process_bytes"] = _ru_maxrss()
+    res["ru_maxrss_process_bytes"] = ru_maxrss()
     res["src_digest"] = src_digest()
     Path(result_path).write_text(json.dumps(res))
     return 0
@@ -401,13 +249,6 @@ def worker_main(spec_path: str, result_path: str) -> int:
 # --------------------------------------------------------------------------------------------
 # Reports
 # --------------------------------------------------------------------------------------------
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _mib(value: Any) -> str:
@@ -431,21 +272,35 @@ def peak_memory_cell(res: dict[str, Any], device: str) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    env, proto, opts = report["environment"], report["protocol"], report["options"]
-    device = opts["device"]
-    results = {r["key"]: r for r in report["results"]}
-    lines = [f"# Baselines: {opts['model_id']} — magnitude / Wanda / RIA / SparseGPT", ""]
-    lines += [
-        f"- Date: {env['date_utc']}"
-        + (f" (last update {report['updated_utc']})" if report.get("updated_utc") else ""),
-        f"- Status: {report['status']}",
+    """The Markdown report of a (finished, running or stopped) run."""
+    lines = [
+        *_header_lines(report),
+        "",
+        "## Protocol",
+        "",
+        *[f"- {item}" for item in report["protocol"]["text"]],
+        "",
+        "## Results",
+        "",
+        *_results_lines(report),
+        "",
+        _memory_note(report["options"]),
+        "",
+        "### Details",
+        "",
+        *_details_lines(report),
+        "",
     ]
-    if report.get("resumed_from"):
-        rf = report["resumed_from"]
-        lines.append(
-            f"- Resumed: {rf['n_results']} configuration(s) come from an earlier run of the same "
-            f"protocol started {rf['date_utc']} (`--resume`)"
-        )
+    failed = [r for r in report["results"] if "error" in r]
+    if failed:
+        lines += ["### Failures", ""]
+        for r in failed:
+            lines += [f"- {r['key']}: `{r['error']}`"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _machine_text(env: dict[str, Any]) -> str:
     gpu = env.get("gpu")
     machine = f"{env['cpu']}, {env['cpu_cores']} CPU cores"
     if env.get("cpu_affinity") and env["cpu_affinity"] != env["cpu_cores"]:
@@ -459,7 +314,25 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     else:
         machine += "; no GPU"
-    lines.append(f"- Machine: {machine}")
+    return machine
+
+
+def _header_lines(report: dict[str, Any]) -> list[str]:
+    """Title, date, status, machine, versions, command and notes."""
+    env, opts = report["environment"], report["options"]
+    lines = [f"# Baselines: {opts['model_id']} — magnitude / Wanda / RIA / SparseGPT", ""]
+    lines += [
+        f"- Date: {env['date_utc']}"
+        + (f" (last update {report['updated_utc']})" if report.get("updated_utc") else ""),
+        f"- Status: {report['status']}",
+    ]
+    if report.get("resumed_from"):
+        rf = report["resumed_from"]
+        lines.append(
+            f"- Resumed: {rf['n_results']} configuration(s) come from an earlier run of the same "
+            f"protocol started {rf['date_utc']} (`--resume`)"
+        )
+    lines.append(f"- Machine: {_machine_text(env)}")
     v = env["versions"]
     lines.append(
         f"- Versions: python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, "
@@ -478,54 +351,54 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["- Command:", "", "  ```", f"  {report['command']}", "  ```", ""]
     for note in opts.get("notes") or []:
         lines.append(f"- Note: {note}")
-    lines += ["", "## Protocol", ""]
-    lines += [f"- {item}" for item in proto["text"]]
-    lines += ["", "## Results", ""]
-    lines += [
-        "| config | method | ppl | prune time s | peak memory |",
-        "|---|---|---:|---:|---:|",
-    ]
+    return lines
+
+
+def _results_lines(report: dict[str, Any]) -> list[str]:
+    """The main table: perplexity, prune time and peak memory per configuration."""
+    device = report["options"]["device"]
+    results = {r["key"]: r for r in report["results"]}
+    rows = []
     for run in report["runs"]:
         res = results.get(run["key"])
         if res is None:
-            lines.append(f"| {run['config']} | {run['method']} | not run | – | – |")
-            continue
-        if "error" in res:
-            lines.append(
-                f"| {run['config']} | {run['method']} | failed: {res['error'][:80]} | – | – |"
-            )
-            continue
-        prune_s = "–" if res.get("prune_s") is None else f"{res['prune_s']:.1f}"
-        lines.append(
-            f"| {run['config']} | {run['method']} | {_fmt_ppl(res.get('ppl'))} | {prune_s} "
-            f"| {peak_memory_cell(res, device)} |"
-        )
-    lines += [""]
-    if device.startswith("cuda"):
-        lines.append(
+            rows.append([run["config"], run["method"], "not run", "–", "–"])
+        elif "error" in res:
+            rows.append([run["config"], run["method"], f"failed: {res['error'][:80]}", "–", "–"])
+        else:
+            prune_s = "–" if res.get("prune_s") is None else f"{res['prune_s']:.1f}"
+            ppl = _fmt_ppl(res.get("ppl"))
+            rows.append([run["config"], run["method"], ppl, prune_s, peak_memory_cell(res, device)])
+    columns = ("config", "method", "ppl", "prune time s", "peak memory")
+    return md_table(columns, rows, "llrrr")
+
+
+def _memory_note(opts: dict[str, Any]) -> str:
+    """What the peak memory column measured, on this device."""
+    if opts["device"].startswith("cuda"):
+        return (
             "Peak memory: `torch.cuda.max_memory_allocated` over the prune, reset right before "
             "it; the model's weights live on the GPU and are included "
             f"({_mib(opts.get('weights_bytes'))} of parameters)."
         )
-    else:
-        lines.append(
-            "Peak memory: peak resident set size of the process, sampled every 5 ms during the "
-            "prune; it includes the loaded model "
-            f"({_mib(opts.get('weights_bytes'))} of parameters) and the Python/torch runtime. "
-            + (
-                "Each configuration ran in its own process (`--fresh subprocess`)."
-                if opts["fresh"] == "subprocess"
-                else "All configurations ran in one process, so freed memory kept by the "
-                "allocator can inflate later rows."
-            )
+    return (
+        "Peak memory: peak resident set size of the process, sampled every 5 ms during the "
+        "prune; it includes the loaded model "
+        f"({_mib(opts.get('weights_bytes'))} of parameters) and the Python/torch runtime. "
+        + (
+            "Each configuration ran in its own process (`--fresh subprocess`)."
+            if opts["fresh"] == "subprocess"
+            else "All configurations ran in one process, so freed memory kept by the "
+            "allocator can inflate later rows."
         )
-    lines += ["", "### Details", ""]
-    lines += [
-        "| config | method | achieved sparsity | Δ ppl vs dense | eval s | model load s "
-        "| RSS before prune | ru_maxrss (process) | CUDA peak reserved |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    )
+
+
+def _details_lines(report: dict[str, Any]) -> list[str]:
+    """Achieved sparsity, change against dense, times and the other memory readings."""
+    results = {r["key"]: r for r in report["results"]}
     dense = results.get("dense|dense", {}).get("ppl")
+    rows = []
     for run in report["runs"]:
         res = results.get(run["key"])
         if res is None or "error" in res:
@@ -537,20 +410,31 @@ def render_markdown(report: dict[str, Any]) -> str:
             else f"{res['ppl'] - dense:+.2f}"
         )
         maxrss = res.get("ru_maxrss_process_bytes", res.get("ru_maxrss_after_prune_bytes"))
-        lines.append(
-            f"| {run['config']} | {run['method']} | {'–' if sp is None else f'{sp:.4f}'} "
-            f"| {delta} | {res['eval_s']:.1f} | {res.get('model_load_s', float('nan')):.1f} "
-            f"| {_mib(res.get('rss_before_prune_bytes'))} | {_mib(maxrss)} "
-            f"| {_mib(res.get('cuda_peak_reserved_bytes'))} |"
+        rows.append(
+            [
+                run["config"],
+                run["method"],
+                "–" if sp is None else f"{sp:.4f}",
+                delta,
+                f"{res['eval_s']:.1f}",
+                f"{res.get('model_load_s', float('nan')):.1f}",
+                _mib(res.get("rss_before_prune_bytes")),
+                _mib(maxrss),
+                _mib(res.get("cuda_peak_reserved_bytes")),
+            ]
         )
-    lines.append("")
-    failed = [r for r in report["results"] if "error" in r]
-    if failed:
-        lines += ["### Failures", ""]
-        for r in failed:
-            lines += [f"- {r['key']}: `{r['error']}`"]
-        lines.append("")
-    return "\n".join(lines)
+    columns = (
+        "config",
+        "method",
+        "achieved sparsity",
+        "Δ ppl vs dense",
+        "eval s",
+        "model load s",
+        "RSS before prune",
+        "ru_maxrss (process)",
+        "CUDA peak reserved",
+    )
+    return md_table(columns, rows, "llrrrrrrr")
 
 
 def protocol_text(opts: dict[str, Any], n_eval_tokens: int) -> list[str]:
@@ -628,6 +512,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    _add_protocol_options(p)
+    _add_run_options(p)
+    args = p.parse_args(argv)
+    if args._worker:
+        return args
+    for c in args.configs:
+        try:
+            parse_config(c)
+        except argparse.ArgumentTypeError as err:
+            p.error(str(err))
+    if args.out is None and args.json is None:
+        p.error("give --out and/or --json")
+    if args.json is None:
+        args.json = str(Path(args.out).with_suffix(".json"))
+    if args.eval_windows is not None and args.eval_windows < 1:
+        p.error("--eval-windows must be >= 1")
+    return args
+
+
+def _add_protocol_options(p: argparse.ArgumentParser) -> None:
+    """Model, data, calibration and evaluation: what the numbers mean."""
     p.add_argument(
         "--model", default="smollm2-135m", help="built-in name, GGUF file, directory or hub id"
     )
@@ -668,6 +573,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="sparsity layouts: a ratio (unstructured, e.g. 0.5) or N:M (e.g. 2:4)",
     )
     p.add_argument("--no-dense", dest="dense", action="store_false", help="skip the dense baseline")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Fresh models, output files, resuming, the time budget."""
     p.add_argument(
         "--fresh",
         choices=("auto", "subprocess", "reload", "restore"),
@@ -702,21 +611,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="only rewrite --out from --json (e.g. after a run was stopped), running nothing",
     )
     p.add_argument("--_worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args._worker:
-        return args
-    for c in args.configs:
-        try:
-            parse_config(c)
-        except argparse.ArgumentTypeError as err:
-            p.error(str(err))
-    if args.out is None and args.json is None:
-        p.error("give --out and/or --json")
-    if args.json is None:
-        args.json = str(Path(args.out).with_suffix(".json"))
-    if args.eval_windows is not None and args.eval_windows < 1:
-        p.error("--eval-windows must be >= 1")
-    return args
 
 
 def _display_path(value: str) -> str:
@@ -739,48 +633,45 @@ def render_only(json_path: Path, md_path: Path | None) -> int:
             if not missing
             else f"stopped: {len(missing)} configuration(s) not run ({', '.join(missing)})"
         )
-        _write_atomic(json_path, json.dumps(report, indent=2))
+        write_json(json_path, report, indent=2, end="")
     text = render_markdown(report)
     if md_path is not None:
-        _write_atomic(md_path, text)
+        write_text_atomic(md_path, text)
     print(text)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args._worker:
-        return worker_main(*args._worker)
-    if args.render_only:
-        return render_only(Path(args.json), Path(args.out) if args.out else None)
+#: Options that must match for ``--resume`` to reuse a JSON file's results.
+PROTOCOL_KEYS = ("model_id", "dtype", "device", "nsamples", "seqlen", "eval_seqlen", "eval_windows")
 
+
+def _device_and_fresh(args: argparse.Namespace) -> tuple[str, str]:
+    """The device (``--device`` or cuda when available) and how models are made fresh."""
     import torch
 
-    from optishear_lightning.data import calibration_windows, evaluation_tokens
-    from optishear_lightning.models import load_tokenizer, resolve_model_source
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    fresh = (
-        args.fresh
-        if args.fresh != "auto"
-        else ("restore" if device.startswith("cuda") else "subprocess")
-    )
-    source = resolve_model_source(args.model)
-    runs = build_runs(args)
-    command = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    json_path = Path(args.json)
-    md_path = Path(args.out) if args.out else None
+    if args.fresh != "auto":
+        return device, args.fresh
+    return device, "restore" if device.startswith("cuda") else "subprocess"
 
-    log(f"{len(runs)} configurations: {', '.join(r['key'] for r in runs)}")
-    started_all = time.perf_counter()
+
+def load_data(args: argparse.Namespace, source: Any) -> tuple[Any, Any]:
+    """Calibration windows and evaluation tokens, computed once for every configuration."""
+    from optishear_lightning.data import calibration_windows, evaluation_tokens
+    from optishear_lightning.models import load_tokenizer
+
     tokenizer = load_tokenizer(source)
     t0 = time.perf_counter()
     tokens = evaluation_tokens(args.eval, tokenizer)
     calib = calibration_windows(args.calib, tokenizer, args.nsamples, args.seqlen, seed=0)
     took = time.perf_counter() - t0
     log(f"tokens: eval {tokens.numel():,}, calibration {tuple(calib.shape)} ({took:.1f}s)")
+    return calib, tokens
 
-    opts: dict[str, Any] = {
+
+def build_opts(args: argparse.Namespace, source: Any, device: str, fresh: str) -> dict[str, Any]:
+    """The run's options, as the JSON file records them (and the workers receive them)."""
+    return {
         "model": args.model,
         "model_id": source.model_id,
         "gguf_file": source.gguf_file,
@@ -799,68 +690,191 @@ def main(argv: list[str] | None = None) -> int:
         "fresh": fresh,
         "notes": args.note,
     }
-    protocol_keys = (
-        "model_id",
-        "dtype",
-        "device",
-        "nsamples",
-        "seqlen",
-        "eval_seqlen",
-        "eval_windows",
-    )
 
-    previous: list[dict[str, Any]] = []
-    resumed_from = None
-    if args.resume and json_path.is_file():
-        old = json.loads(json_path.read_text())
-        mismatch = [k for k in protocol_keys if old.get("options", {}).get(k) != opts[k]]
-        if mismatch:
-            raise SystemExit(
-                f"--resume: {json_path} was made with a different {', '.join(mismatch)}"
+
+def load_previous(
+    args: argparse.Namespace, json_path: Path, opts: dict[str, Any]
+) -> tuple[list[dict[str, Any]], str | None]:
+    """``--resume``: the successful results of ``json_path`` and when that run started."""
+    if not (args.resume and json_path.is_file()):
+        return [], None
+    old = json.loads(json_path.read_text())
+    mismatch = [k for k in PROTOCOL_KEYS if old.get("options", {}).get(k) != opts[k]]
+    if mismatch:
+        raise SystemExit(f"--resume: {json_path} was made with a different {', '.join(mismatch)}")
+    previous = [r for r in old.get("results", []) if "error" not in r]
+    for k in ("n_blocks", "n_prunable", "weights_bytes"):
+        if k in old.get("options", {}):
+            opts.setdefault(k, old["options"][k])
+    log(f"resuming: {len(previous)} configurations already done in {json_path}")
+    return previous, old.get("environment", {}).get("date_utc")
+
+
+def model_factory(opts: dict[str, Any]) -> Any:
+    """``make_model()`` for ``--fresh reload`` / ``restore``: loads the model once now."""
+    model, first_load_s = _load(opts)
+    opts.update(model_info(model))
+    if opts["fresh"] == "restore":
+        return _restorer(model, first_load_s, opts["device"])
+    return _reloader(model, first_load_s, opts)
+
+
+def _restorer(model: Any, first_load_s: float, device: str) -> Any:
+    """Copy the loaded weights back (from a CPU copy) before every configuration but the first."""
+    import torch
+
+    original = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    loads = [first_load_s]
+
+    def make_model():
+        with torch.no_grad():
+            if not loads:
+                t = time.perf_counter()
+                model.load_state_dict(original)
+                sync(device)
+                loads.append(time.perf_counter() - t)
+            same = all(
+                torch.equal(v.detach().cpu(), original[k]) for k, v in model.state_dict().items()
             )
-        previous = [r for r in old.get("results", []) if "error" not in r]
-        for k in ("n_blocks", "n_prunable", "weights_bytes"):
-            if k in old.get("options", {}):
-                opts.setdefault(k, old["options"][k])
-        resumed_from = old.get("environment", {}).get("date_utc")
-        log(f"resuming: {len(previous)} configurations already done in {json_path}")
+        if not same:
+            raise RuntimeError("restoring the original weights failed (they differ)")
+        return model, loads.pop()
 
-    model = None
-    make_model = None
-    if fresh in ("reload", "restore"):
-        model, first_load_s = _load(opts)
-        if fresh == "restore":
-            original = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            loads = [first_load_s]
+    return make_model
 
-            def make_model():
-                with torch.no_grad():
-                    if not loads:
-                        t = time.perf_counter()
-                        model.load_state_dict(original)
-                        _sync(device)
-                        loads.append(time.perf_counter() - t)
-                    same = all(
-                        torch.equal(v.detach().cpu(), original[k])
-                        for k, v in model.state_dict().items()
-                    )
-                if not same:
-                    raise RuntimeError("restoring the original weights failed (they differ)")
-                return model, loads.pop()
-        else:
-            loads = [first_load_s]
 
-            def make_model():
-                nonlocal model
-                if loads:
-                    return model, loads.pop()
-                model = None
-                if device.startswith("cuda"):
-                    torch.cuda.empty_cache()
-                model, s = _load(opts)
-                return model, s
+def _reloader(model: Any, first_load_s: float, opts: dict[str, Any]) -> Any:
+    """``load_model`` again before every configuration but the first."""
+    import torch
 
-        opts.update(model_info(model))
+    loads = [first_load_s]
+
+    def make_model():
+        nonlocal model
+        if loads:
+            return model, loads.pop()
+        model = None
+        if opts["device"].startswith("cuda"):
+            torch.cuda.empty_cache()
+        model, s = _load(opts)
+        return model, s
+
+    return make_model
+
+
+class Driver:
+    """Runs the configurations in order, saving the report after each one."""
+
+    def __init__(self, args, opts, runs, report, n_tokens, started_all):
+        self.args, self.opts, self.runs, self.report = args, opts, runs, report
+        self.n_tokens, self.started_all = n_tokens, started_all
+        self.json_path = Path(args.json)
+        self.md_path = Path(args.out) if args.out else None
+
+    def save(self, status: str) -> None:
+        report = self.report
+        report["status"] = status
+        report["protocol"]["text"] = protocol_text(self.opts, self.n_tokens)
+        report["updated_utc"] = utc_now()
+        write_json(self.json_path, report, indent=2, end="")
+        if self.md_path is not None:
+            write_text_atomic(self.md_path, render_markdown(report))
+
+    def run_all(self, make_model: Any, calib: Any, tokens: Any) -> bool:
+        """Every configuration not done yet; ``True`` when the time budget stopped it early."""
+        import torch
+
+        done = {r["key"] for r in self.report["results"]}
+        longest = 0.0
+        tmpdir = data_path = None
+        if self.opts["fresh"] == "subprocess":
+            tmpdir = tempfile.TemporaryDirectory(prefix="bench_baselines_")
+            data_path = os.path.join(tmpdir.name, "data.pt")
+            torch.save({"calib": calib, "tokens": tokens}, data_path)
+        try:
+            for i, run in enumerate(self.runs):
+                if run["key"] in done:
+                    continue
+                elapsed = time.perf_counter() - self.started_all
+                budget = self.args.time_budget
+                if budget is not None and elapsed + longest > budget:
+                    log(f"time budget reached after {elapsed:.0f}s: stopping before {run['key']}")
+                    return True
+                log(f"[{i + 1}/{len(self.runs)}] {run['key']}")
+                t = time.perf_counter()
+                if tmpdir is not None:
+                    res = self.run_in_subprocess(i, run, tmpdir.name, data_path)
+                else:
+                    res = _safe_run(run, make_model, calib, tokens, self.opts)
+                res["wall_s"] = time.perf_counter() - t
+                longest = max(longest, res["wall_s"])
+                self.add_result(run, res)
+        finally:
+            if tmpdir is not None:
+                tmpdir.cleanup()
+        return False
+
+    def run_in_subprocess(self, i: int, run: dict, tmp: str, data_path: str) -> dict[str, Any]:
+        """One configuration in a fresh Python process (``--fresh subprocess``)."""
+        spec = os.path.join(tmp, f"spec{i}.json")
+        result = os.path.join(tmp, f"result{i}.json")
+        Path(spec).write_text(json.dumps({"opts": self.opts, "run": run, "data_path": data_path}))
+        proc = subprocess.run(script_command(__file__, "--_worker", spec, result))
+        if proc.returncode != 0 or not os.path.exists(result):
+            return {
+                **{k: run[k] for k in RUN_KEYS},
+                "error": f"worker process exited with code {proc.returncode}",
+            }
+        res = json.loads(Path(result).read_text())
+        for k, v in res.pop("model_info", {}).items():
+            self.opts.setdefault(k, v)
+        return res
+
+    def add_result(self, run: dict[str, Any], res: dict[str, Any]) -> None:
+        report, keys = self.report, [x["key"] for x in self.runs]
+        report["results"] = [r for r in report["results"] if r["key"] != run["key"]] + [res]
+        report["results"].sort(key=lambda r: keys.index(r["key"]))
+        self.save("running")
+
+    def finish(self, stopped_early: bool) -> None:
+        """The final status, saved; the report on stdout."""
+        done = {x["key"] for x in self.report["results"]}
+        missing = [r["key"] for r in self.runs if r["key"] not in done]
+        status = (
+            "complete"
+            if not missing
+            else (
+                f"incomplete: {len(missing)} configuration(s) not run"
+                + (" (time budget)" if stopped_early else "")
+            )
+        )
+        if any("error" in r for r in self.report["results"]):
+            status += "; some configurations failed (see Failures)"
+        self.save(status)
+        log(f"done in {time.perf_counter() - self.started_all:.0f}s: {status}")
+        if self.md_path is not None:
+            print(render_markdown(self.report))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args._worker:
+        return worker_main(*args._worker)
+    if args.render_only:
+        return render_only(Path(args.json), Path(args.out) if args.out else None)
+
+    from optishear_lightning.models import resolve_model_source
+
+    device, fresh = _device_and_fresh(args)
+    source = resolve_model_source(args.model)
+    runs = build_runs(args)
+    command = command_line(argv)
+    log(f"{len(runs)} configurations: {', '.join(r['key'] for r in runs)}")
+    started_all = time.perf_counter()
+    calib, tokens = load_data(args, source)
+    opts = build_opts(args, source, device, fresh)
+    previous, resumed_from = load_previous(args, Path(args.json), opts)
+    make_model = model_factory(opts) if fresh in ("reload", "restore") else None
     report: dict[str, Any] = {
         "environment": describe_environment(device),
         "command": command,
@@ -872,79 +886,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if previous:
         report["resumed_from"] = {"date_utc": resumed_from, "n_results": len(previous)}
-
-    def save(status: str) -> None:
-        report["status"] = status
-        report["protocol"]["text"] = protocol_text(opts, tokens.numel())
-        report["updated_utc"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-        _write_atomic(json_path, json.dumps(report, indent=2))
-        if md_path is not None:
-            _write_atomic(md_path, render_markdown(report))
-
-    save("running")
-    done = {r["key"] for r in previous}
-    longest = 0.0
-    tmpdir = None
-    data_path = None
-    if fresh == "subprocess":
-        tmpdir = tempfile.TemporaryDirectory(prefix="bench_baselines_")
-        data_path = os.path.join(tmpdir.name, "data.pt")
-        torch.save({"calib": calib, "tokens": tokens}, data_path)
-    stopped_early = False
-    try:
-        for i, run in enumerate(runs):
-            if run["key"] in done:
-                continue
-            elapsed = time.perf_counter() - started_all
-            if args.time_budget is not None and elapsed + longest > args.time_budget:
-                log(f"time budget reached after {elapsed:.0f}s: stopping before {run['key']}")
-                stopped_early = True
-                break
-            log(f"[{i + 1}/{len(runs)}] {run['key']}")
-            t = time.perf_counter()
-            if fresh == "subprocess":
-                spec = os.path.join(tmpdir.name, f"spec{i}.json")
-                result = os.path.join(tmpdir.name, f"result{i}.json")
-                Path(spec).write_text(
-                    json.dumps({"opts": opts, "run": run, "data_path": data_path})
-                )
-                proc = subprocess.run(
-                    [sys.executable, str(Path(__file__).resolve()), "--_worker", spec, result]
-                )
-                if proc.returncode != 0 or not os.path.exists(result):
-                    res = {
-                        **{k: run[k] for k in ("key", "config", "method", "pattern", "sparsity")},
-                        "error": f"worker process exited with code {proc.returncode}",
-                    }
-                else:
-                    res = json.loads(Path(result).read_text())
-                    for k, v in res.pop("model_info", {}).items():
-                        opts.setdefault(k, v)
-            else:
-                res = _safe_run(run, make_model, calib, tokens, opts)
-            res["wall_s"] = time.perf_counter() - t
-            longest = max(longest, res["wall_s"])
-            report["results"] = [r for r in report["results"] if r["key"] != run["key"]] + [res]
-            report["results"].sort(key=lambda r: [x["key"] for x in runs].index(r["key"]))
-            save("running")
-    finally:
-        if tmpdir is not None:
-            tmpdir.cleanup()
-    missing = [r["key"] for r in runs if r["key"] not in {x["key"] for x in report["results"]}]
-    status = (
-        "complete"
-        if not missing
-        else (
-            f"incomplete: {len(missing)} configuration(s) not run"
-            + (" (time budget)" if stopped_early else "")
-        )
-    )
-    if any("error" in r for r in report["results"]):
-        status += "; some configurations failed (see Failures)"
-    save(status)
-    log(f"done in {time.perf_counter() - started_all:.0f}s: {status}")
-    if md_path is not None:
-        print(render_markdown(report))
+    driver = Driver(args, opts, runs, report, tokens.numel(), started_all)
+    driver.save("running")
+    stopped_early = driver.run_all(make_model, calib, tokens)
+    driver.finish(stopped_early)
     return 0
 
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from bench_search_quality import Bench, sparsity_args
+from harness import command_line, utc_now, write_json
 from scipy.stats import spearmanr
 
 from optishear_lightning import prune
@@ -74,11 +74,10 @@ def main() -> None:
     _, pattern = sparsity_args(args.setting)
     stats = split_calibration(b.calib, SearchConfig(**json.loads(args.search)), args.batch_size)
     report: dict[str, Any] = {
-        "command": "python benchmarks/bench_fidelity.py "
-        + " ".join(f"{k}={v}" for k, v in vars(args).items()),
+        "command": command_line(),
         "machine": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "versions": {"torch": torch.__version__},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "date": utc_now(),
         "rows": [],
     }
     for source in sources:
@@ -103,7 +102,7 @@ def main() -> None:
             row["rho_objective"] = spearman([x["objective"] for x in row["finalists"]], ppl)
             row["rho_validation"] = spearman([x["validation"] for x in row["finalists"]], ppl)
             print(json.dumps(row["finalists"][-1]), flush=True)
-            (out / f"{args.tag}.json").write_text(json.dumps(report, indent=1))
+            write_json(out / f"{args.tag}.json", report)
     print(json.dumps({r["row"]: (r["rho_objective"], r["rho_validation"]) for r in report["rows"]}))
 
 

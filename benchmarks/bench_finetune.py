@@ -11,13 +11,15 @@ sparsity before and after training and how many pruned weights moved (must be 0)
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
+from harness import SHARED_DATA as SHARED
+from harness import md_table, utc_now, write_json, write_text_atomic
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 
@@ -27,10 +29,8 @@ from optishear_lightning.datamodule import TextDataModule
 from optishear_lightning.evaluation import perplexity
 from optishear_lightning.module import CausalLMModule
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -49,11 +49,11 @@ def main() -> None:
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--eval-windows", type=int, default=0, help="0 = the whole test set")
     p.add_argument("--out", required=True, help="Markdown file; a .json is written beside it")
-    args = p.parse_args()
-    warnings.filterwarnings("ignore", category=UserWarning)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    return p.parse_args()
 
+
+def build_data(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The module and the data module."""
     module = CausalLMModule(args.model, learning_rate=args.lr, warmup_steps=20)
     data = TextDataModule(
         args.model,
@@ -67,6 +67,45 @@ def main() -> None:
         train_samples=args.steps * args.batch_size,
         batch_size=args.batch_size,
     )
+    return module, data
+
+
+def build_trainer(args: argparse.Namespace, out: Path) -> tuple[Any, Any]:
+    """The pruning callback and the ``Trainer``."""
+    callback = OptiShearCallback(
+        method=args.method,
+        sparsity=args.sparsity,
+        search_result=args.search_result,
+        calibration_batch_size=8,
+        progress=False,
+        save_dir=str(out.parent / "finetune_run"),
+    )
+    trainer = Trainer(
+        accelerator=accelerator(args),
+        devices=1,
+        max_steps=args.steps,
+        precision=args.precision,
+        gradient_clip_val=1.0,
+        logger=CSVLogger(out.parent / "finetune_run"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=10,
+    )
+    return callback, trainer
+
+
+def accelerator(args: argparse.Namespace) -> str:
+    return "gpu" if str(args.device).startswith("cuda") else "cpu"
+
+
+def main() -> None:
+    args = parse_args()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    module, data = build_data(args)
     wiki = evaluation_tokens(args.eval, module.tokenizer, seq_len=args.eval_seqlen)
     windows = args.eval_windows or None
 
@@ -82,27 +121,7 @@ def main() -> None:
 
     module.model.to(args.device)
     dense = ppl()
-    callback = OptiShearCallback(
-        method=args.method,
-        sparsity=args.sparsity,
-        search_result=args.search_result,
-        calibration_batch_size=8,
-        progress=False,
-        save_dir=str(out.parent / "finetune_run"),
-    )
-    accel = "gpu" if str(args.device).startswith("cuda") else "cpu"
-    trainer = Trainer(
-        accelerator=accel,
-        devices=1,
-        max_steps=args.steps,
-        precision=args.precision,
-        gradient_clip_val=1.0,
-        logger=CSVLogger(out.parent / "finetune_run"),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=10,
-    )
+    callback, trainer = build_trainer(args, out)
     # Prune first (no training) to measure the pruned model, then fine-tune with the same
     # callback: the masks it holds are kept, nothing is pruned again.
     t0 = time.perf_counter()
@@ -118,8 +137,10 @@ def main() -> None:
     module.model.to(args.device)  # Lightning moves the model back to the CPU after fit
     tuned = ppl()
     report = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "device": torch.cuda.get_device_name() if accel == "gpu" else platform.processor(),
+        "date": utc_now(),
+        "device": torch.cuda.get_device_name()
+        if accelerator(args) == "gpu"
+        else platform.processor(),
         "torch": str(torch.__version__),
         "args": vars(args),
         "dense_ppl": dense,
@@ -132,34 +153,49 @@ def main() -> None:
         "finetune_s": train_s,
         "tokens_seen": args.steps * args.batch_size * args.seqlen,
     }
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    write_json(out.with_suffix(".json"), report, end="")
+    text = render(args, report)
+    write_text_atomic(out, text)
+    print(text)
+
+
+def render(args: argparse.Namespace, report: dict[str, Any]) -> str:
+    """The Markdown report."""
     command = " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None
     )
+    windows = args.eval_windows or None
     lines = [
         "# Sparse fine-tuning after pruning (SmolLM2-135M)",
         "",
         f"- Date: {report['date']}; device: {report['device']}; torch {report['torch']}",
         f"- Command: `python benchmarks/bench_finetune.py {command}`",
         f"- Pruning: {args.method} at {args.sparsity} ({args.nsamples} x {args.calib_seqlen} C4 "
-        f"calibration), {prune_s:.1f} s",
+        f"calibration), {report['prune_s']:.1f} s",
         f"- Fine-tuning: {args.steps} AdamW steps, batch {args.batch_size} x {args.seqlen} tokens "
         f"of C4 ({report['tokens_seen']:,} tokens), lr {args.lr}, {args.precision}, clip 1.0, "
-        f"{train_s:.1f} s",
+        f"{report['finetune_s']:.1f} s",
         f"- WikiText-2 test, windows of {args.eval_seqlen}"
         + (f", first {windows}" if windows else ", all windows"),
         "",
-        "| model | perplexity | sparsity |",
-        "|---|---:|---:|",
-        f"| dense | {dense:.2f} | 0 |",
-        f"| pruned | {pruned:.2f} | {sparsity_pruned:.4f} |",
-        f"| pruned + fine-tuned | {tuned:.2f} | {callback.masks.sparsity():.4f} |",
+        *md_table(
+            ("model", "perplexity", "sparsity"),
+            [
+                ("dense", f"{report['dense_ppl']:.2f}", 0),
+                ("pruned", f"{report['pruned_ppl']:.2f}", f"{report['sparsity_after_prune']:.4f}"),
+                (
+                    "pruned + fine-tuned",
+                    f"{report['finetuned_ppl']:.2f}",
+                    f"{report['sparsity_after_finetune']:.4f}",
+                ),
+            ],
+            "lrr",
+        ),
         "",
         f"Pruned weights that moved during fine-tuning: {report['pruned_weights_that_moved']}.",
         "",
     ]
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -27,11 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
-from pathlib import Path
 
+from harness import Timer, command_line, md_table, utc_now, write_report
 from llama3_8b import SHAPES_8B
 
 SHAPES_TINY = {  # row lengths 96 and 160: not powers of two, like 14336
@@ -77,34 +75,7 @@ from optishear_lightning.masks import parse_pattern  # noqa: E402
 from optishear_lightning.metrics import METHODS  # noqa: E402
 
 WANDA = METHODS["wanda"]
-
-
-class Timer:
-    """Wall time of a callable: CUDA events on the GPU, perf_counter on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn, before=None) -> float:
-        if before is not None:
-            before()
-        if self.cuda:
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-
-    def median(self, fn, repeats: int, warmup: int = 1, before=None) -> dict:
-        for _ in range(warmup):
-            self(fn, before)
-        times = [self(fn, before) for _ in range(repeats)]
-        return {"median_s": statistics.median(times), "times_s": times}
+UNSTRUCTURED, TWO_FOUR = parse_pattern("unstructured"), parse_pattern("2:4")
 
 
 def copy_bandwidth(device: torch.device, timer: Timer, gib: float) -> dict:
@@ -149,107 +120,137 @@ def main() -> None:
         args.copy_gib = min(args.copy_gib, 0.0625)
         args.repeats, args.ref_repeats = 1, 1
     timer = Timer(device)
-    import triton
-
-    env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": triton.__version__,
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "command": " ".join(sys.argv),
-        "blocks": n_blocks,
-        "shapes": shapes,
-        "dtype": "bfloat16",
-    }
+    env = environment(device, n_blocks, shapes)
     print(json.dumps(env), flush=True)
     report: dict = {"env": env}
     report["copy"] = copy_bandwidth(device, timer, args.copy_gib)
     copy_bw = report["copy"]["bytes_per_s"]
     print(f"copy bandwidth: {copy_bw / 1e9:.1f} GB/s", flush=True)
 
-    # Weights (random, not zeros) and per-matrix activation statistics.
-    gen = torch.Generator(device=device).manual_seed(0)
-    names = [(b, n) for b in range(n_blocks) for n in shapes]
-    pristine, stats = {}, {}
-    for b, n in names:
-        rows, cols = shapes[n]
-        w = torch.randn(rows, cols, device=device, generator=gen, dtype=torch.float32)
-        pristine[b, n] = (w * 0.02).to(torch.bfloat16)
-        sq = torch.rand(cols, device=device, generator=gen) * 4 + 1e-3
-        stats[b, n] = LayerStats(sq, n_tokens=1)
-    work = {key: w.clone() for key, w in pristine.items()}
-    numel = sum(w.numel() for w in pristine.values())
-    report["matrices"] = len(names)
-    report["weights"] = numel
-
-    def restore() -> None:
-        for key, w in work.items():
-            w.copy_(pristine[key])
-
-    unstructured, two_four = parse_pattern("unstructured"), parse_pattern("2:4")
-
+    bench = KernelBench(device, timer, shapes, n_blocks, copy_bw)
+    report["matrices"] = len(bench.pristine)
+    report["weights"] = bench.numel
     # Correctness first: kernel masks == the engine's PyTorch masks on block 0.
-    identical = True
-    for (b, n), w in pristine.items():
-        if b:
-            continue
-        for pattern, sparsity in ((unstructured, 0.5), (two_four, None)):
-            with kernel_backend("torch"):
-                ref = WANDA.prune_(w.clone(), stats[b, n], sparsity, pattern)
-            spec = fused_score(WANDA, w, stats[b, n])
-            keep = triton_prune(w, spec, sparsity, pattern, inplace=False)
-            identical &= bool(torch.equal(ref, keep))
+    identical = bench.masks_identical_block0()
     report["masks_identical_block0"] = identical
     print(f"kernel masks identical to the engine's PyTorch masks (block 0): {identical}")
+    bench.specs = {key: fused_score(WANDA, w, bench.stats[key]) for key, w in bench.work.items()}
+    for tag, pattern, sparsity in (("50%", UNSTRUCTURED, 0.5), ("2:4", TWO_FOUR, None)):
+        measure_pattern(args, bench, tag, pattern, sparsity)
+    report["runs"] = bench.runs
+    for tag in ("50%", "2:4"):
+        report[f"speedup_{tag}"] = speedups(bench.runs, tag)
 
-    specs = {key: fused_score(WANDA, w, stats[key]) for key, w in work.items()}
+    # Launch knobs per shape (mask only: no restore needed), on block 0's matrices.
+    sweep = []
+    if not args.no_sweep:
+        bench.restore()
+        sweep = sweep_rows(args, shapes, bench.work, bench.specs, timer)
+    report["sweep_mask_only_50"] = sweep
+    report["sweep_nm_2of4"] = (
+        sweep_nm(args, shapes, bench.work, bench.specs, timer) if not args.no_sweep else []
+    )
+    text = markdown(report)
+    write_report(args.out, report, text)
+    print(text)
 
-    def run_all(fn):
-        return lambda: [fn(key, w) for key, w in work.items()]
 
-    bytes_w = 2 * numel  # one pass over the bfloat16 weights
-    runs: dict[str, dict] = {}
+def environment(device: torch.device, n_blocks: int, shapes: dict) -> dict:
+    import triton
 
-    def record(label: str, result: dict, floor_bytes: int) -> None:
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+        "date": utc_now(),
+        "command": command_line(prefix="", quote=False),
+        "blocks": n_blocks,
+        "shapes": shapes,
+        "dtype": "bfloat16",
+    }
+
+
+class KernelBench:
+    """The weights of every block (pristine and working copies), their statistics, and the
+    timed runs recorded so far."""
+
+    def __init__(self, device, timer: Timer, shapes: dict, n_blocks: int, copy_bw: float):
+        self.device, self.timer, self.shapes, self.n_blocks = device, timer, shapes, n_blocks
+        self.copy_bw = copy_bw
+        # Weights (random, not zeros) and per-matrix activation statistics.
+        gen = torch.Generator(device=device).manual_seed(0)
+        self.pristine, self.stats = {}, {}
+        for b, n in [(b, n) for b in range(n_blocks) for n in shapes]:
+            rows, cols = shapes[n]
+            w = torch.randn(rows, cols, device=device, generator=gen, dtype=torch.float32)
+            self.pristine[b, n] = (w * 0.02).to(torch.bfloat16)
+            sq = torch.rand(cols, device=device, generator=gen) * 4 + 1e-3
+            self.stats[b, n] = LayerStats(sq, n_tokens=1)
+        self.work = {key: w.clone() for key, w in self.pristine.items()}
+        self.numel = sum(w.numel() for w in self.pristine.values())
+        self.specs: dict = {}
+        self.runs: dict[str, dict] = {}
+
+    def restore(self) -> None:
+        for key, w in self.work.items():
+            w.copy_(self.pristine[key])
+
+    def masks_identical_block0(self) -> bool:
+        identical = True
+        for (b, n), w in self.pristine.items():
+            if b:
+                continue
+            for pattern, sparsity in ((UNSTRUCTURED, 0.5), (TWO_FOUR, None)):
+                with kernel_backend("torch"):
+                    ref = WANDA.prune_(w.clone(), self.stats[b, n], sparsity, pattern)
+                spec = fused_score(WANDA, w, self.stats[b, n])
+                keep = triton_prune(w, spec, sparsity, pattern, inplace=False)
+                identical &= bool(torch.equal(ref, keep))
+        return identical
+
+    def record(self, label: str, result: dict, floor_bytes: int) -> None:
         result.update(
             floor_bytes=floor_bytes,
             bytes_per_s=floor_bytes / result["median_s"],
-            fraction_of_copy=floor_bytes / result["median_s"] / copy_bw,
+            fraction_of_copy=floor_bytes / result["median_s"] / self.copy_bw,
         )
-        runs[label] = result
+        self.runs[label] = result
         print(
             f"{label:<42} {result['median_s'] * 1e3:10.2f} ms  "
             f"{result['bytes_per_s'] / 1e9:8.1f} GB/s ({result['fraction_of_copy']:.0%} of copy)",
             flush=True,
         )
 
-    def run_engine(fn):
+    def run_all(self, fn):
+        return lambda: [fn(key, w) for key, w in self.work.items()]
+
+    def run_engine(self, fn):
         # As pruning.prune runs the engine: one block at a time, the kernels' NaN checks read
         # back once per block (deferred_nan_checks) instead of after every matrix.
         def run():
-            for b in range(n_blocks):
+            for b in range(self.n_blocks):
                 with deferred_nan_checks():
-                    for n in shapes:
-                        fn((b, n), work[b, n])
+                    for n in self.shapes:
+                        fn((b, n), self.work[b, n])
 
         return run
 
-    def measure(label: str, fn, floor_bytes: int, repeats: int, engine: bool = False) -> None:
+    def measure(self, label: str, fn, floor_bytes: int, repeats: int, engine: bool = False):
         # Dense weights before every pass (untimed): pruned weights would be a tie-heavy case.
-        runner = run_engine(fn) if engine else run_all(fn)
-        result = timer.median(runner, repeats=repeats, warmup=1, before=restore)
-        record(label, result, floor_bytes)
+        runner = self.run_engine(fn) if engine else self.run_all(fn)
+        result = self.timer.median(runner, repeats=repeats, warmup=1, before=self.restore)
+        self.record(label, result, floor_bytes)
 
-    def measure_graph(label, kw, pattern, sparsity, floor_bytes, repeats) -> None:
+    def measure_graph(self, label, kw, pattern, sparsity, floor_bytes, repeats) -> None:
         # The same 224 launches captured once in a CUDA graph and replayed: the GPU time of the
         # kernels without the Python/Triton launch overhead between them.
         def launch_all():
-            for key, w in work.items():
-                triton_prune(w, specs[key], sparsity, pattern, check_nan=False, **kw)
+            for key, w in self.work.items():
+                triton_prune(w, self.specs[key], sparsity, pattern, check_nan=False, **kw)
 
-        restore()
+        self.restore()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -258,121 +259,130 @@ def main() -> None:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             launch_all()
-        result = timer.median(graph.replay, repeats=repeats, warmup=1, before=restore)
+        result = self.timer.median(graph.replay, repeats=repeats, warmup=1, before=self.restore)
         del graph
         torch.cuda.empty_cache()
-        record(label, result, floor_bytes)
+        self.record(label, result, floor_bytes)
 
-    for tag, pattern, sparsity in (("50%", unstructured, 0.5), ("2:4", two_four, None)):
 
-        def eager(key, w, pattern=pattern, sparsity=sparsity):
-            if pattern.is_nm:
-                return eager_nm_(w, stats[key], pattern.n, pattern.m)
-            return eager_rows_(w, stats[key], sparsity)
+def measure_pattern(args, bench: KernelBench, tag: str, pattern, sparsity) -> None:
+    """Every path at one pattern: eager, engine (PyTorch, kernels), bare kernel, CUDA graph."""
+    numel, stats, specs = bench.numel, bench.stats, bench.specs
+    bytes_w = 2 * numel  # one pass over the bfloat16 weights
 
-        def engine(key, w, pattern=pattern, sparsity=sparsity):
-            return WANDA.prune_(w, stats[key], sparsity, pattern)
+    def eager(key, w):
+        if pattern.is_nm:
+            return eager_nm_(w, stats[key], pattern.n, pattern.m)
+        return eager_rows_(w, stats[key], sparsity)
 
-        measure(f"{tag} eager reference (sort + scatter)", eager, 5 * numel, args.ref_repeats)
-        with kernel_backend("torch"):
-            measure(f"{tag} engine, PyTorch backend", engine, 5 * numel, args.ref_repeats, True)
-        with kernel_backend("triton" if device.type == "cpu" else "auto"):
-            measure(f"{tag} engine, kernel backend", engine, 5 * numel, args.repeats, True)
+    def engine(key, w):
+        return WANDA.prune_(w, stats[key], sparsity, pattern)
+
+    bench.measure(f"{tag} eager reference (sort + scatter)", eager, 5 * numel, args.ref_repeats)
+    with kernel_backend("torch"):
+        bench.measure(f"{tag} engine, PyTorch backend", engine, 5 * numel, args.ref_repeats, True)
+    with kernel_backend("triton" if bench.device.type == "cpu" else "auto"):
+        bench.measure(f"{tag} engine, kernel backend", engine, 5 * numel, args.repeats, True)
+    for label, kw, floor in (
+        ("kernel: in place + mask", {}, 5 * numel),
+        ("kernel: in place only", {"return_mask": False}, 2 * bytes_w),
+        ("kernel: mask only", {"inplace": False}, bytes_w + numel),
+    ):
+        bench.measure(
+            f"{tag} {label}",
+            lambda key, w, kw=kw: triton_prune(
+                w, specs[key], sparsity, pattern, check_nan=False, **kw
+            ),
+            floor,
+            args.repeats,
+        )
+    if bench.device.type == "cuda":
         for label, kw, floor in (
             ("kernel: in place + mask", {}, 5 * numel),
             ("kernel: in place only", {"return_mask": False}, 2 * bytes_w),
-            ("kernel: mask only", {"inplace": False}, bytes_w + numel),
         ):
-            measure(
-                f"{tag} {label}",
-                lambda key, w, kw=kw, pattern=pattern, sparsity=sparsity: triton_prune(
-                    w, specs[key], sparsity, pattern, check_nan=False, **kw
-                ),
-                floor,
-                args.repeats,
-            )
-        if device.type == "cuda":
-            for label, kw, floor in (
-                ("kernel: in place + mask", {}, 5 * numel),
-                ("kernel: in place only", {"return_mask": False}, 2 * bytes_w),
-            ):
-                measure_graph(
-                    f"{tag} {label}, CUDA graph replay", kw, pattern, sparsity, floor, args.repeats
-                )
-    report["runs"] = runs
-    for tag in ("50%", "2:4"):
-        t_kernel = runs[f"{tag} engine, kernel backend"]["median_s"]
-        report[f"speedup_{tag}"] = {
-            "vs_eager_reference": runs[f"{tag} eager reference (sort + scatter)"]["median_s"]
-            / t_kernel,
-            "vs_engine_pytorch": runs[f"{tag} engine, PyTorch backend"]["median_s"] / t_kernel,
-        }
+            label = f"{tag} {label}, CUDA graph replay"
+            bench.measure_graph(label, kw, pattern, sparsity, floor, args.repeats)
 
-    # Launch knobs per shape (mask only: no restore needed), on block 0's matrices.
+
+def speedups(runs: dict[str, dict], tag: str) -> dict[str, float]:
+    """The engine's kernel path against the eager reference and the engine's PyTorch path."""
+    t_kernel = runs[f"{tag} engine, kernel backend"]["median_s"]
+    return {
+        "vs_eager_reference": runs[f"{tag} eager reference (sort + scatter)"]["median_s"]
+        / t_kernel,
+        "vs_engine_pytorch": runs[f"{tag} engine, PyTorch backend"]["median_s"] / t_kernel,
+    }
+
+
+def distinct_shapes(shapes: dict) -> dict:
+    """``(rows, cols) -> name`` of the first matrix of each shape (q and o, k and v, gate and
+    up share one)."""
+    distinct: dict = {}
+    for n, shape in shapes.items():
+        distinct.setdefault(shape, n)
+    return distinct
+
+
+def row_knob_options(tk, block: int) -> list[tuple]:
+    """(select, coarse bits, warps) to sweep; ``(None, None, None)`` = the launcher's defaults.
+
+    The bisection with and without the bucket copy (coarse 12 / 32), and the two-level search.
+    """
+    options = [(None, None, None)]
+    searches = [("bisect", 32), ("bisect", tk.COARSE_BITS), ("two_level", None)]
+    searches += [(sel, None) for sel in tk.SELECTS if sel not in ("bisect", "two_level")]
+    for select, coarse in searches:
+        for warps in (1, 2, 4, 8, 16):
+            # up to 128 keys a thread (more spills registers)
+            if 1 <= block // (32 * warps) <= 128:
+                options.append((select, coarse, warps))
+    return options
+
+
+def sweep_rows(args, shapes, work, specs, timer) -> list[dict]:
+    """Mask only at 50% per shape for the row kernel's launch knobs."""
+    import triton
+
+    from optishear_lightning.kernels import triton_kernels as tk
+
     sweep = []
-    if not args.no_sweep:
-        from optishear_lightning.kernels import triton_kernels as tk
+    for (rows, cols), n in distinct_shapes(shapes).items():
+        w, spec = work[0, n], specs[0, n]
+        default = tk.default_row_knobs(cols)
+        default_key = (default["select"], default["coarse_bits"], default["num_warps"])
+        for select, coarse, warps in row_knob_options(tk, triton.next_power_of_2(cols)):
 
-        restore()
-        distinct: dict = {}  # q and o, k and v, gate and up share a shape
-        for n, shape in shapes.items():
-            distinct.setdefault(shape, n)
-        for (rows, cols), n in distinct.items():
-            w, spec = work[0, n], specs[0, n]
-            block = triton.next_power_of_2(cols)
-            default = tk.default_row_knobs(cols)
-            default_key = (default["select"], default["coarse_bits"], default["num_warps"])
-            # (select, coarse bits, warps); None = the launcher's defaults. The bisection with
-            # and without the bucket copy (coarse 12 / 32), and the two-level search.
-            options = [(None, None, None)]
-            searches = [("bisect", 32), ("bisect", tk.COARSE_BITS), ("two_level", None)]
-            searches += [(sel, None) for sel in tk.SELECTS if sel not in ("bisect", "two_level")]
-            for select, coarse in searches:
-                for warps in (1, 2, 4, 8, 16):
-                    # up to 128 keys a thread (more spills registers)
-                    if 1 <= block // (32 * warps) <= 128:
-                        options.append((select, coarse, warps))
-            for select, coarse, warps in options:
-
-                def call(select=select, coarse=coarse, warps=warps, w=w, spec=spec):
-                    triton_prune(
-                        w, spec, 0.5, inplace=False, check_nan=False,
-                        coarse_bits=coarse, num_warps=warps, select=select,
-                    )  # fmt: skip
-
-                try:
-                    reps, warm = (1, 0) if args.tiny else (max(args.repeats, 3) * 4, 2)
-                    res = timer.median(call, repeats=reps, warmup=warm)
-                    t = res["median_s"]
-                    row = {"bytes_per_s": (2 + 1) * rows * cols / t, "error": None}
-                except Exception as e:  # a config that does not compile or fit
-                    t, row = float("nan"), {"bytes_per_s": None, "error": repr(e)[:200]}
-                resolved = (
-                    default_key
-                    if select is None
-                    else (select, coarse if select == "bisect" else None, warps)
-                )
-                row.update(
-                    shape=n, rows=rows, cols=cols, select=resolved[0], coarse_bits=resolved[1],
-                    num_warps=resolved[2], seconds=t, default=select is None,
+            def call(select=select, coarse=coarse, warps=warps, w=w, spec=spec):
+                triton_prune(
+                    w, spec, 0.5, inplace=False, check_nan=False,
+                    coarse_bits=coarse, num_warps=warps, select=select,
                 )  # fmt: skip
-                sweep.append(row)
-                tag = "default " if select is None else ""
-                print(
-                    f"sweep {n:<10} {tag}select={resolved[0]} coarse={resolved[1]} "
-                    f"warps={resolved[2]}: {t * 1e6:9.1f} us",
-                    flush=True,
-                )
-    report["sweep_mask_only_50"] = sweep
-    report["sweep_nm_2of4"] = (
-        sweep_nm(args, shapes, work, specs, timer) if not args.no_sweep else []
-    )
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+            try:
+                reps, warm = (1, 0) if args.tiny else (max(args.repeats, 3) * 4, 2)
+                res = timer.median(call, repeats=reps, warmup=warm)
+                t = res["median_s"]
+                row = {"bytes_per_s": (2 + 1) * rows * cols / t, "error": None}
+            except Exception as e:  # a config that does not compile or fit
+                t, row = float("nan"), {"bytes_per_s": None, "error": repr(e)[:200]}
+            resolved = (
+                default_key
+                if select is None
+                else (select, coarse if select == "bisect" else None, warps)
+            )
+            row.update(
+                shape=n, rows=rows, cols=cols, select=resolved[0], coarse_bits=resolved[1],
+                num_warps=resolved[2], seconds=t, default=select is None,
+            )  # fmt: skip
+            sweep.append(row)
+            tag = "default " if select is None else ""
+            print(
+                f"sweep {n:<10} {tag}select={resolved[0]} coarse={resolved[1]} "
+                f"warps={resolved[2]}: {t * 1e6:9.1f} us",
+                flush=True,
+            )
+    return sweep
 
 
 def sweep_nm(args, shapes, work, specs, timer) -> list[dict]:
@@ -386,10 +396,7 @@ def sweep_nm(args, shapes, work, specs, timer) -> list[dict]:
     if "nm_impl" in params:
         impls += list(getattr(tk, "NM_IMPLS", ("pairwise", "split4")))
     rows_out = []
-    distinct: dict = {}
-    for n, shape in shapes.items():
-        distinct.setdefault(shape, n)
-    for (rows, cols), n in distinct.items():
+    for (rows, cols), n in distinct_shapes(shapes).items():
         w, spec = work[0, n], specs[0, n]
         options = [(None, None, None)]
         for impl in impls[1:]:
@@ -446,15 +453,21 @@ def markdown(report: dict) -> str:
         "- floor: bytes that must move (read W once; write W and/or the bool mask once); "
         "GB/s = floor bytes / time",
         "",
-        "| run | time (ms) | GB/s | of copy bandwidth |",
-        "|---|---:|---:|---:|",
+        *md_table(
+            ("run", "time (ms)", "GB/s", "of copy bandwidth"),
+            [
+                (
+                    label,
+                    f"{r['median_s'] * 1e3:.2f}",
+                    f"{r['bytes_per_s'] / 1e9:.1f}",
+                    f"{r['fraction_of_copy']:.0%}",
+                )
+                for label, r in report["runs"].items()
+            ],
+            "lrrr",
+        ),
+        "",
     ]
-    for label, r in report["runs"].items():
-        lines.append(
-            f"| {label} | {r['median_s'] * 1e3:.2f} | {r['bytes_per_s'] / 1e9:.1f} | "
-            f"{r['fraction_of_copy']:.0%} |"
-        )
-    lines.append("")
     for tag in ("50%", "2:4"):
         s = report[f"speedup_{tag}"]
         lines.append(
@@ -462,44 +475,57 @@ def markdown(report: dict) -> str:
             f"and {s['vs_engine_pytorch']:.1f}x the engine's PyTorch path"
         )
     if report["sweep_mask_only_50"]:
-        lines += [
-            "",
-            "Launch knobs, mask only at 50% (one matrix per shape). **default** = what "
-            "`triton_prune` picks without knobs (`default_row_knobs`); `bisect` with 32 coarse "
-            "bits = bisection over the whole row, 12 = bucket copy after 12 bits; `two_level` = "
-            "whole-row bisection until the bucket is small, then over the bucket; `snap` = "
-            "bisection whose bracket snaps onto actual keys (~15 passes, 3 reductions each):",
-            "",
-            "| shape | select | coarse bits | warps | time (us) | GB/s | vs default |",
-            "|---|---|---:|---:|---:|---:|---:|",
-        ]
-        base = {r["shape"]: r["seconds"] for r in report["sweep_mask_only_50"] if r.get("default")}
-        for r in report["sweep_mask_only_50"]:
-            bw = "error" if r["bytes_per_s"] is None else f"{r['bytes_per_s'] / 1e9:.1f}"
-            label = "**default**: " if r.get("default") else ""
-            rel = base.get(r["shape"], float("nan")) / r["seconds"]
-            lines.append(
-                f"| {r['shape']} {r['rows']}x{r['cols']} | {label}{r.get('select', 'bisect')} | "
-                f"{r['coarse_bits']} | {r['num_warps']} | {r['seconds'] * 1e6:.1f} | {bw} | "
-                f"{rel:.2f}x |"
-            )
+        lines += row_sweep_lines(report["sweep_mask_only_50"])
     if report.get("sweep_nm_2of4"):
-        lines += [
-            "",
-            "N:M kernel, 2:4 in place + mask (one matrix per shape); GB/s against the floor "
-            "(read W, write W and the mask):",
-            "",
-            "| shape | implementation | block | warps | time (us) | GB/s | vs default |",
-            "|---|---|---:|---:|---:|---:|---:|",
-        ]
-        for r in report["sweep_nm_2of4"]:
-            bw = "error" if r["bytes_per_s"] is None else f"{r['bytes_per_s'] / 1e9:.1f}"
-            rel = "" if r["vs_default"] is None else f"{r['vs_default']:.2f}x"
-            lines.append(
-                f"| {r['shape']} {r['rows']}x{r['cols']} | {r['nm_impl']} | {r['block']} | "
-                f"{r['num_warps']} | {r['seconds'] * 1e6:.1f} | {bw} | {rel} |"
-            )
+        lines += nm_sweep_lines(report["sweep_nm_2of4"])
     return "\n".join(lines) + "\n"
+
+
+def row_sweep_lines(sweep: list[dict]) -> list[str]:
+    """The row kernel's launch-knob table (mask only at 50%)."""
+    lines = [
+        "",
+        "Launch knobs, mask only at 50% (one matrix per shape). **default** = what "
+        "`triton_prune` picks without knobs (`default_row_knobs`); `bisect` with 32 coarse "
+        "bits = bisection over the whole row, 12 = bucket copy after 12 bits; `two_level` = "
+        "whole-row bisection until the bucket is small, then over the bucket; `snap` = "
+        "bisection whose bracket snaps onto actual keys (~15 passes, 3 reductions each):",
+        "",
+    ]
+    base = {r["shape"]: r["seconds"] for r in sweep if r.get("default")}
+    rows = []
+    for r in sweep:
+        bw = "error" if r["bytes_per_s"] is None else f"{r['bytes_per_s'] / 1e9:.1f}"
+        label = "**default**: " if r.get("default") else ""
+        rel = base.get(r["shape"], float("nan")) / r["seconds"]
+        rows.append(
+            (f"{r['shape']} {r['rows']}x{r['cols']}", f"{label}{r.get('select', 'bisect')}",
+             r["coarse_bits"], r["num_warps"], f"{r['seconds'] * 1e6:.1f}", bw, f"{rel:.2f}x")
+        )  # fmt: skip
+    columns = ("shape", "select", "coarse bits", "warps", "time (us)", "GB/s", "vs default")
+    lines += md_table(columns, rows, "llrrrrr")
+    return lines
+
+
+def nm_sweep_lines(sweep: list[dict]) -> list[str]:
+    """The N:M kernel's implementation and launch-knob table (2:4)."""
+    lines = [
+        "",
+        "N:M kernel, 2:4 in place + mask (one matrix per shape); GB/s against the floor "
+        "(read W, write W and the mask):",
+        "",
+    ]
+    rows = []
+    for r in sweep:
+        bw = "error" if r["bytes_per_s"] is None else f"{r['bytes_per_s'] / 1e9:.1f}"
+        rel = "" if r["vs_default"] is None else f"{r['vs_default']:.2f}x"
+        rows.append(
+            (f"{r['shape']} {r['rows']}x{r['cols']}", r["nm_impl"], r["block"],
+             r["num_warps"], f"{r['seconds'] * 1e6:.1f}", bw, rel)
+        )  # fmt: skip
+    columns = ("shape", "implementation", "block", "warps", "time (us)", "GB/s", "vs default")
+    lines += md_table(columns, rows, "llrrrrr")
+    return lines
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ after each step and rendered to Markdown at the end.
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -29,10 +27,8 @@ from optishear_lightning.pruning import prune
 from optishear_lightning.search import optishear_search
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_baselines import describe_environment
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+from harness import SHARED_DATA as SHARED
+from harness import command_line, describe_environment, write_json, write_text_atomic
 
 
 def parse_args() -> argparse.Namespace:
@@ -62,104 +58,130 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+class Session:
+    """The model, its dense weights, the data, and the report every step is added to."""
+
+    def __init__(self, args: argparse.Namespace, report: dict[str, Any], raw_path: Path):
+        self.args, self.report, self.raw_path = args, report, raw_path
+        self.tokenizer = load_tokenizer(args.model)
+        self.model = load_model(args.model, dtype=args.dtype, device=args.device)
+        self.dense_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.calib = calibration_windows(
+            args.calib, self.tokenizer, args.nsamples, args.seqlen, seed=0
+        )
+        self.tokens = evaluation_tokens(args.eval, self.tokenizer)
+        self.windows = args.eval_windows or None
+
+    def save(self) -> None:
+        write_json(self.raw_path, self.report, default=str, end="")
+
+    def reset(self) -> None:
+        self.model.load_state_dict(self.dense_weights)
+
+    def ppl(self) -> float:
+        return perplexity(
+            self.model, self.tokens, self.args.eval_seqlen, batch_size=4, max_windows=self.windows
+        )
+
+    def zeroshot(self, name: str) -> None:
+        args = self.args
+        if args.zeroshot_limit:
+            t = time.perf_counter()
+            self.report["zeroshot"][name] = zero_shot_accuracy(
+                self.model, self.tokenizer, args.zeroshot_dir, limit=args.zeroshot_limit,
+                batch_size=16,
+            )  # fmt: skip
+            self.report["zeroshot"][name]["_seconds"] = time.perf_counter() - t
+
+    def row(self, target: str, method: str, value: float, seconds: float | None, extra: str = ""):
+        self.report["rows"].append(
+            {"target": target, "method": method, "ppl": value, "seconds": seconds, "note": extra}
+        )
+        print(f"[{target}] {method}: ppl {value:.3f} ({seconds or 0:.1f}s) {extra}", flush=True)
+        self.save()
+
+    def prune(self, method: Any, sparsity: Any, pattern: str) -> None:
+        prune(self.model, self.calib, method, sparsity, pattern, batch_size=self.args.batch_size)
+
+
 def main() -> None:
     args = parse_args()
     out = Path(args.out)
     raw_path = out.with_suffix(".json")
     report: dict[str, Any] = {
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command_line(),
         "environment": describe_environment(args.device),
         "args": vars(args),
         "rows": [],
         "searches": {},
         "zeroshot": {},
     }
-
-    def save() -> None:
-        raw_path.parent.mkdir(parents=True, exist_ok=True)
-        raw_path.write_text(json.dumps(report, indent=1, default=str))
-
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
-    dense_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    calib = calibration_windows(args.calib, tokenizer, args.nsamples, args.seqlen, seed=0)
-    tokens = evaluation_tokens(args.eval, tokenizer)
-    windows = args.eval_windows or None
-
-    def reset() -> None:
-        model.load_state_dict(dense_weights)
-
-    def ppl() -> float:
-        return perplexity(model, tokens, args.eval_seqlen, batch_size=4, max_windows=windows)
-
-    def zeroshot(name: str) -> None:
-        if args.zeroshot_limit:
-            t = time.perf_counter()
-            report["zeroshot"][name] = zero_shot_accuracy(
-                model, tokenizer, args.zeroshot_dir, limit=args.zeroshot_limit, batch_size=16
-            )
-            report["zeroshot"][name]["_seconds"] = time.perf_counter() - t
-
-    def row(target: str, method: str, value: float, seconds: float | None, extra: str = ""):
-        report["rows"].append(
-            {"target": target, "method": method, "ppl": value, "seconds": seconds, "note": extra}
-        )
-        print(f"[{target}] {method}: ppl {value:.3f} ({seconds or 0:.1f}s) {extra}", flush=True)
-        save()
-
-    row("dense", "dense", ppl(), None)
-    zeroshot("dense")
+    s = Session(args, report, raw_path)
+    s.row("dense", "dense", s.ppl(), None)
+    s.zeroshot("dense")
     for target in args.targets:
-        pattern = target if ":" in target else "unstructured"
-        sparsity = None if ":" in target else float(target)
-        for method in args.baselines:
-            reset()
-            t = time.perf_counter()
-            prune(model, calib, method, sparsity, pattern, batch_size=args.batch_size)
-            row(target, method, ppl(), time.perf_counter() - t)
-            if method == "wanda" and target == "0.5":
-                zeroshot("wanda_0.5")
-        reset()
-        t = time.perf_counter()
-        found = optishear_search(
-            model,
-            calib,
-            float(sparsity or parse_pattern(pattern).sparsity),
-            pattern,
-            budget=args.budget,
-            pop_size=args.pop_size,
-            objective_samples=args.objective_samples,
-            proxy_blocks=args.proxy_blocks,
-            proxy_rows=args.proxy_rows or None,
-            metric_topk=args.metric_topk,
-            batch_size=args.batch_size,
-            progress=False,
-        )
-        search_s = time.perf_counter() - t
-        found.save(out.parent / f"optishear_{target.replace(':', 'of')}_search.json")
-        report["searches"][target] = {
-            "metric": str(found.metric),
-            "ratios": found.ratios,
-            "achieved_sparsity": found.achieved_sparsity,
-            "timing": found.timing,
-            "search_seconds": search_s,
-            "candidates_evaluated": len(found.history),
-        }
-        ratios = None if sparsity is None else found.ratios
-        t = time.perf_counter()
-        prune(model, calib, found.metric, ratios, pattern, batch_size=args.batch_size)
-        row(target, "optishear", ppl(), search_s + time.perf_counter() - t, str(found.metric))
-        if target == "0.5":
-            zeroshot("optishear_0.5")
-        if sparsity is not None:
-            for method in ("wanda", "ria"):
-                reset()
-                t = time.perf_counter()
-                prune(model, calib, method, ratios, pattern, batch_size=args.batch_size)
-                row(target, f"{method} + optishear ratios", ppl(), time.perf_counter() - t)
-    reset()
-    out.write_text(render(report))
+        run_target(s, target, out)
+    s.reset()
+    write_text_atomic(out, render(report))
     print(f"wrote {out} and {raw_path}")
+
+
+def run_target(s: Session, target: str, out: Path) -> None:
+    """The baselines, the search, and the baselines with the searched ratios at ``target``."""
+    pattern = target if ":" in target else "unstructured"
+    sparsity = None if ":" in target else float(target)
+    for method in s.args.baselines:
+        s.reset()
+        t = time.perf_counter()
+        s.prune(method, sparsity, pattern)
+        s.row(target, method, s.ppl(), time.perf_counter() - t)
+        if method == "wanda" and target == "0.5":
+            s.zeroshot("wanda_0.5")
+    s.reset()
+    found, search_s = search(s, target, pattern, sparsity, out)
+    ratios = None if sparsity is None else found.ratios
+    t = time.perf_counter()
+    s.prune(found.metric, ratios, pattern)
+    s.row(target, "optishear", s.ppl(), search_s + time.perf_counter() - t, str(found.metric))
+    if target == "0.5":
+        s.zeroshot("optishear_0.5")
+    if sparsity is not None:
+        for method in ("wanda", "ria"):
+            s.reset()
+            t = time.perf_counter()
+            s.prune(method, ratios, pattern)
+            s.row(target, f"{method} + optishear ratios", s.ppl(), time.perf_counter() - t)
+
+
+def search(s: Session, target: str, pattern: str, sparsity: float | None, out: Path) -> Any:
+    """The OptiShear search at ``target``: its result (also saved beside ``out``), seconds."""
+    args = s.args
+    t = time.perf_counter()
+    found = optishear_search(
+        s.model,
+        s.calib,
+        float(sparsity or parse_pattern(pattern).sparsity),
+        pattern,
+        budget=args.budget,
+        pop_size=args.pop_size,
+        objective_samples=args.objective_samples,
+        proxy_blocks=args.proxy_blocks,
+        proxy_rows=args.proxy_rows or None,
+        metric_topk=args.metric_topk,
+        batch_size=args.batch_size,
+        progress=False,
+    )
+    search_s = time.perf_counter() - t
+    found.save(out.parent / f"optishear_{target.replace(':', 'of')}_search.json")
+    s.report["searches"][target] = {
+        "metric": str(found.metric),
+        "ratios": found.ratios,
+        "achieved_sparsity": found.achieved_sparsity,
+        "timing": found.timing,
+        "search_seconds": search_s,
+        "candidates_evaluated": len(found.history),
+    }
+    return found, search_s
 
 
 def render(report: dict[str, Any]) -> str:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import hashlib
 import inspect
 import io
@@ -62,8 +61,17 @@ from unittest import mock
 
 import numpy as np
 import torch
+from harness import (
+    REPO_ROOT,
+    git_revision,
+    md_cell,
+    md_table,
+    script_command,
+    usable_cpus,
+    utc_now,
+    write_report,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 128
 HIDDEN = 64
 CASE_TIMEOUT_S = 240
@@ -629,7 +637,7 @@ def resume_refused(run: SimpleNamespace, *needles: str) -> Outcome:
 
 def spawn(kind: str, *args: str, **popen: Any) -> subprocess.Popen:
     """Start ``python bench_reliability.py --child kind args...``."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, *args]
+    cmd = script_command(__file__, "--child", kind, *args)
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, **popen
     )
@@ -2428,20 +2436,12 @@ def machine() -> dict[str, Any]:
 
     import optishear_lightning
 
-    commit = subprocess.run(
-        ["git", "--no-optional-locks", "rev-parse", "--short", "HEAD"],
-        capture_output=True, text=True, cwd=REPO_ROOT,
-    ).stdout.strip()  # fmt: skip
-    dirty = subprocess.run(
-        ["git", "--no-optional-locks", "diff", "--quiet", "HEAD", "--", "src"],
-        capture_output=True, cwd=REPO_ROOT,
-    ).returncode  # fmt: skip
     return {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": utc_now("%Y-%m-%d %H:%M UTC"),
         "platform": platform.platform(),
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpus_usable": usable_cpus(),
         "torch_threads": torch.get_num_threads(),
         "euid": os.geteuid(),
         "python": platform.python_version(),
@@ -2449,13 +2449,8 @@ def machine() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "lightning": lightning.__version__,
         "optishear_lightning": optishear_lightning.__version__,
-        "git_commit": commit + (" (src/ modified)" if dirty == 1 else ""),
+        "git_commit": git_revision(abbrev=None) or "",
     }
-
-
-def cell(text: str) -> str:
-    """Text safe inside a Markdown table cell."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def print_table(records: list[Record]) -> None:
@@ -2474,14 +2469,13 @@ def group_summary(records: list[Record]) -> list[str]:
         counts.setdefault(r.group, [0, 0])
         counts[r.group][0] += 1
         counts[r.group][1] += r.handled
-    lines = ["| Item / family | Cases | Handled |", "|---|---:|---:|"]
 
     def order(group: str) -> tuple[int, str]:  # issue items by number, then the families
         head = group.split(" ")[0]
         return (int(head), group) if head.isdigit() else (100, group)
 
-    lines += [f"| {g} | {counts[g][0]} | {counts[g][1]} |" for g in sorted(counts, key=order)]
-    return [*lines, ""]
+    rows = [(g, counts[g][0], counts[g][1]) for g in sorted(counts, key=order)]
+    return [*md_table(("Item / family", "Cases", "Handled"), rows, "lrr"), ""]
 
 
 def not_handled(records: list[Record]) -> list[str]:
@@ -2493,6 +2487,19 @@ def not_handled(records: list[Record]) -> list[str]:
     for r in missed:
         lines.append(f"* `{r.id}` ({r.group}). Expected: {r.expected}. Observed: {r.observed}")
     return [*lines, ""]
+
+
+def case_row(r: Record) -> tuple:
+    """A case's cells in the table of every case."""
+    handled = "yes" if r.handled else "**NO**"
+    return (
+        r.number,
+        md_cell(r.group),
+        f"`{r.id}`",
+        md_cell(r.expected),
+        md_cell(r.observed),
+        handled,
+    )
 
 
 def markdown(records: list[Record], info: dict[str, Any], seconds: float, command: str) -> str:
@@ -2526,15 +2533,13 @@ def markdown(records: list[Record], info: dict[str, Any], seconds: float, comman
         *not_handled(records),
         "## Every case",
         "",
-        "| # | Item / family | Case | Expected | Observed | Handled |",
-        "|---:|---|---|---|---|:---:|",
+        *md_table(
+            ("#", "Item / family", "Case", "Expected", "Observed", "Handled"),
+            [case_row(r) for r in records],
+            "rllllc",
+        ),
+        "",
     ]
-    for r in records:
-        lines.append(
-            f"| {r.number} | {cell(r.group)} | `{r.id}` | {cell(r.expected)} | "
-            f"{cell(r.observed)} | {'yes' if r.handled else '**NO**'} |"
-        )
-    lines.append("")
     return "\n".join(lines)
 
 
@@ -2542,8 +2547,6 @@ def write_results(
     out: Path, records: list[Record], info: dict[str, Any], seconds: float, command: str
 ) -> None:
     """``reliability_cpu.md`` and ``reliability_cpu.json`` in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "reliability_cpu.md").write_text(markdown(records, info, seconds, command))
     data = {
         "machine": info,
         "command": command,
@@ -2564,7 +2567,7 @@ def write_results(
             for r in records
         ],
     }
-    (out / "reliability_cpu.json").write_text(json.dumps(data, indent=1) + "\n")
+    write_report(out / "reliability_cpu", data, markdown(records, info, seconds, command))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

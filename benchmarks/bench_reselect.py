@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
+
+from harness import SHARED_DATA as SHARED
 
 from optishear_lightning.data import calibration_windows, evaluation_tokens
 from optishear_lightning.evaluation import perplexity
@@ -19,8 +20,6 @@ from optishear_lightning.models import load_model, load_tokenizer
 from optishear_lightning.pruning import prune
 from optishear_lightning.search import SearchResult
 from optishear_lightning.search.ratios import select_solution
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def main() -> None:

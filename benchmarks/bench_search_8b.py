@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
+from harness import cuda_peak_bytes, utc_now, write_text_atomic
 from llama3_8b import LLAMA3_8B
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -78,16 +78,16 @@ def main() -> None:
         "proxy_screenings": n_proxy,
         "validated_finalists": finalists,
         "chosen_by": found.chosen_by,
-        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "peak_cuda_bytes": cuda_peak_bytes(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "date": utc_now(),
         "args": vars(args),
     }
     text = json.dumps(report, indent=1)
     print(text, flush=True)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        write_text_atomic(args.out, text + "\n")
 
 
 if __name__ == "__main__":

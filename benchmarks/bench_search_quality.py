@@ -27,12 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from harness import cpu_model, md_table, utc_now, write_json, write_text_atomic
 from scipy.stats import spearmanr
 
 from optishear_lightning import load_model, load_tokenizer, prune
@@ -190,31 +190,22 @@ def fidelity(b: Bench, setting: str, found: Any) -> None:
           reconstruct=found.reconstruct)  # fmt: skip
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def render(report: dict[str, Any]) -> str:
     lines = [f"# Search quality: {report['model']}", "", f"- Machine: {report['machine']}",
              f"- Status: {report.get('status', 'complete')}",
-             f"- Date: {report['date']}", f"- Command: `{report['command']}`", "",
-             "| setting | method | ppl | sparsity | zero-shot | search s | chosen by |",
-             "|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
+             f"- Date: {report['date']}", f"- Command: `{report['command']}`", ""]  # fmt: skip
+    rows = []
     for r in report["rows"]:
         if r["method"] == "fidelity":
             continue
         zs = f"{r['zero_shot']:.4f}" if r.get("zero_shot") is not None else ""
         search_s = f"{r['search_s']:.0f}" if "search_s" in r else ""
-        lines.append(
-            f"| {r['setting']} | {r['method']} | {r['ppl']:.2f} | {r['sparsity']:.4f} | {zs} | "
-            f"{search_s} | {r.get('chosen_by', '')} {r.get('metric', '')} |"
-        )
+        rows.append(
+            [r["setting"], r["method"], f"{r['ppl']:.2f}", f"{r['sparsity']:.4f}", zs, search_s,
+             f"{r.get('chosen_by', '')} {r.get('metric', '')}"]
+        )  # fmt: skip
+    columns = ("setting", "method", "ppl", "sparsity", "zero-shot", "search s", "chosen by")
+    lines += md_table(columns, rows, "llrrrrl")
     lines += ["", "## Objective fidelity (finalists)", ""]
     for r in report["rows"]:
         if r["method"] == "fidelity":
@@ -232,11 +223,11 @@ def main() -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     b = Bench(args)
-    machine = f"{_cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    machine = f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
     if args.device.startswith("cuda"):
         machine = f"{torch.cuda.get_device_name()}; {machine}"
     report = {"model": args.model, "machine": machine, "rows": b.rows,
-              "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+              "date": utc_now(),
               "command": "python benchmarks/bench_search_quality.py " + " ".join(
                   f"{k}={v}" for k, v in vars(args).items()),
               "versions": {"torch": torch.__version__}}  # fmt: skip
@@ -244,8 +235,8 @@ def main() -> None:
     b.add("dense", "dense", ppl=b.ppl(), sparsity=0.0, zero_shot=b.zero_shot())
 
     def save() -> None:
-        (out / f"{args.tag}.json").write_text(json.dumps(report, indent=1))
-        (out / f"{args.tag}.md").write_text(render(report))
+        write_json(out / f"{args.tag}.json", report, end="")
+        write_text_atomic(out / f"{args.tag}.md", render(report))
 
     for setting in args.settings:
         parse_pattern(setting if ":" in setting else "unstructured")

@@ -23,13 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from harness import (
+    Timer,
+    command_line,
+    cuda_peak_bytes,
+    md_row,
+    md_table,
+    optional_version,
+    utc_now,
+    write_report,
+)
 from llama3_8b import LLAMA3_8B, SHAPES_8B
 
 from optishear_lightning.dispatch import triton_prune
@@ -92,22 +100,12 @@ def environment(device: torch.device) -> dict:
     env = {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "command": " ".join(sys.argv),
+        "date": utc_now(),
+        "command": command_line(prefix="", quote=False),
         "device": "cpu",
+        "triton": optional_version("triton"),
+        "transformers": optional_version("transformers"),
     }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    try:
-        import transformers
-
-        env["transformers"] = transformers.__version__
-    except ImportError:
-        env["transformers"] = None
     if device.type == "cuda":
         env["device"] = torch.cuda.get_device_name(device)
         env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
@@ -119,18 +117,8 @@ def environment(device: torch.device) -> dict:
 
 
 def median_time(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    """Median seconds of ``fn()`` on the GPU (CUDA events) after ``warmup`` untimed calls."""
+    return Timer("cuda").median(fn, repeats, warmup)["median_s"]
 
 
 def two_four_weight(rows: int, cols: int, device, seed: int) -> torch.Tensor:
@@ -230,21 +218,13 @@ def bench_layers(args, device, shapes, tokens_list) -> dict:
 
 
 def bench_prefill(args, device) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from optishear_lightning.pruning import prune
 
     config = dict(LLAMA_TINY if args.tiny else LLAMA3_8B)
     if args.layers:
         config["num_hidden_layers"] = args.layers
     tokens = args.prefill_tokens or (256 if args.tiny else 2048)
-    torch.manual_seed(0)
-    t = time.perf_counter()
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(device):
-        model = LlamaForCausalLM(LlamaConfig(**config)).eval()
-    torch.set_default_dtype(torch.float32)
-    init_s = time.perf_counter() - t
+    model, init_s = random_llama(config, device)
     t = time.perf_counter()
     prune(model, None, "magnitude", None, "2:4")  # on CUDA: the fused N:M kernel
     torch.cuda.synchronize()
@@ -273,42 +253,61 @@ def bench_prefill(args, device) -> dict:
     order = sorted(args.prefill_backends, key=lambda b: b != "cusparselt_cached")
     for backend in order:
         linears = named_prunable_linears(model)
-        t = time.perf_counter()
-        try:
-            export = export_semi_structured(model, backend, example_inputs=ids[:, :128])
-        except Exception as e:  # report and go on with the next backend
-            result["backends"].append(dict(backend=backend, error=f"{type(e).__name__}: {e}"))
-            print(f"prefill {backend}: {type(e).__name__}: {e}", flush=True)
+        row, export = export_and_time(args, model, backend, ids, forward, dense_logits, result)
+        result["backends"].append(row)
+        if export is None:
             continue
-        torch.cuda.synchronize()
-        export_s = time.perf_counter() - t
-        sparse_s = median_time(forward, max(3, args.repeats // 2))
-        last = compare_outputs(dense_logits, forward().float(), rtol=2.0**-4)
-        result["backends"].append(
-            dict(
-                backend=export.backend,
-                export_s=export_s,
-                converted_linears=len(export.names),
-                layer_checks_ok=all(c.ok for c in export.layer_checks.values()),
-                worst_layer_rel_err=max(c.rel_err for c in export.layer_checks.values()),
-                model_check_rel_err=export.model_check.rel_err,
-                model_check_ok=export.model_check.ok,
-                last_token_logits_rel_err=last.rel_err,
-                sparse_s=sparse_s,
-                speedup=dense_s / sparse_s,
-                sparse_tokens_per_s=tokens / sparse_s,
-            )
-        )
-        print(
-            f"prefill {export.backend}: dense {dense_s:.4f} s sparse {sparse_s:.4f} s", flush=True
-        )
         if export.backend == "cusparselt_cached":
             # The original (dense, 2:4) linears back, as a failed export check does.
             restore_dense_linears(model, linears, export.names, export.backend)
         else:
             break  # the weights are semi-structured now: no further dense comparison
-    result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+    result["peak_cuda_bytes"] = cuda_peak_bytes(device)
     return result
+
+
+def random_llama(config: dict, device) -> tuple[torch.nn.Module, float]:
+    """A randomly initialised bfloat16 ``LlamaForCausalLM`` built on ``device``; seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = LlamaForCausalLM(LlamaConfig(**config)).eval()
+    torch.set_default_dtype(torch.float32)
+    return model, time.perf_counter() - t
+
+
+def export_and_time(args, model, backend: str, ids, forward, dense_logits, result: dict):
+    """Export ``model`` to ``backend`` and time its prefill: the result row and the export
+    (``None`` when the export failed: the row holds the error)."""
+    t = time.perf_counter()
+    try:
+        export = export_semi_structured(model, backend, example_inputs=ids[:, :128])
+    except Exception as e:  # report and go on with the next backend
+        print(f"prefill {backend}: {type(e).__name__}: {e}", flush=True)
+        return dict(backend=backend, error=f"{type(e).__name__}: {e}"), None
+    torch.cuda.synchronize()
+    export_s = time.perf_counter() - t
+    sparse_s = median_time(forward, max(3, args.repeats // 2))
+    last = compare_outputs(dense_logits, forward().float(), rtol=2.0**-4)
+    dense_s, tokens = result["dense_s"], result["tokens"]
+    row = dict(
+        backend=export.backend,
+        export_s=export_s,
+        converted_linears=len(export.names),
+        layer_checks_ok=all(c.ok for c in export.layer_checks.values()),
+        worst_layer_rel_err=max(c.rel_err for c in export.layer_checks.values()),
+        model_check_rel_err=export.model_check.rel_err,
+        model_check_ok=export.model_check.ok,
+        last_token_logits_rel_err=last.rel_err,
+        sparse_s=sparse_s,
+        speedup=dense_s / sparse_s,
+        sparse_tokens_per_s=tokens / sparse_s,
+    )
+    print(f"prefill {export.backend}: dense {dense_s:.4f} s sparse {sparse_s:.4f} s", flush=True)
+    return row, export
 
 
 def markdown(report: dict) -> str:
@@ -330,59 +329,61 @@ def markdown(report: dict) -> str:
     )
     for backend, error in report["layers"]["errors"].items():
         lines.append(f"- {backend}: not measured: {error}")
-    lines += [
-        "",
-        "| backend | tokens | layer | dense (us) | sparse (us) | speedup | err |",
-        "|---|---:|---|---:|---:|---:|---:|",
-    ]
-    for r in report["layers"]["layers"]:
-        lines.append(
-            f"| {r['backend']} | {r['tokens']} | {r['layer']} {r['shape'][0]}x{r['shape'][1]} | "
-            f"{r['dense_s'] * 1e6:.1f} | {r['sparse_s'] * 1e6:.1f} | {r['speedup']:.2f}x | "
-            f"{r['rel_err']:.1e} |"
-        )
-    lines += ["", "| backend | tokens | group | dense (us) | sparse (us) | speedup |"]
-    lines.append("|---|---:|---|---:|---:|---:|")
-    for r in report["layers"]["groups"]:
-        lines.append(
-            f"| {r['backend']} | {r['tokens']} | {r['group']} | {r['dense_s'] * 1e6:.1f} | "
-            f"{r['sparse_s'] * 1e6:.1f} | {r['speedup']:.2f}x |"
-        )
-    p = report.get("prefill")
-    if p:
-        lines += [
-            "",
-            f"Prefill, {p['config']['num_hidden_layers']}-block LLaMA-3-8B-shaped model "
-            f"(random init), batch 1 x {p['tokens']} tokens, last-token logits; engine prune "
-            f"(2:4 magnitude) {p['prune_s']:.2f} s:",
-            "",
-            "| backend | linears | export (s) | time (ms) | tokens/s | speedup | checks |",
-            "|---|---:|---:|---:|---:|---:|---|",
-            f"| dense (2:4 zeros) | | | {p['dense_s'] * 1e3:.1f} | "
-            f"{p['dense_tokens_per_s']:.0f} | 1.00x | |",
-        ]
-        for b in p["backends"]:
-            if "error" in b:
-                lines.append(f"| {b['backend']} | | | | | | not run: {b['error']} |")
-                continue
-            lines.append(
-                f"| {b['backend']} | {b['converted_linears']} | {b['export_s']:.2f} | "
-                f"{b['sparse_s'] * 1e3:.1f} | {b['sparse_tokens_per_s']:.0f} | "
-                f"{b['speedup']:.2f}x | layers ok: {b['layer_checks_ok']} (worst "
-                f"{b['worst_layer_rel_err']:.1e}); logits on 128 tokens "
-                f"{b['model_check_rel_err']:.1e} (ok: {b['model_check_ok']}); last-token "
-                f"logits {b['last_token_logits_rel_err']:.1e} |"
-            )
+    layers = [
+        [r["backend"], r["tokens"], f"{r['layer']} {r['shape'][0]}x{r['shape'][1]}",
+         f"{r['dense_s'] * 1e6:.1f}", f"{r['sparse_s'] * 1e6:.1f}", f"{r['speedup']:.2f}x",
+         f"{r['rel_err']:.1e}"]
+        for r in report["layers"]["layers"]
+    ]  # fmt: skip
+    columns = ("backend", "tokens", "layer", "dense (us)", "sparse (us)", "speedup", "err")
+    lines += ["", *md_table(columns, layers, "lrlrrrr")]
+    groups = [
+        [r["backend"], r["tokens"], r["group"], f"{r['dense_s'] * 1e6:.1f}",
+         f"{r['sparse_s'] * 1e6:.1f}", f"{r['speedup']:.2f}x"]
+        for r in report["layers"]["groups"]
+    ]  # fmt: skip
+    columns = ("backend", "tokens", "group", "dense (us)", "sparse (us)", "speedup")
+    lines += ["", *md_table(columns, groups, "lrlrrr")]
+    if report.get("prefill"):
+        lines += prefill_lines(report["prefill"])
     elif report.get("prefill_error"):
         lines += ["", f"Prefill not measured: {report['prefill_error']}"]
     return "\n".join(lines) + "\n"
 
 
+def prefill_lines(p: dict) -> list[str]:
+    """The prefill table: dense, then each backend (or why it did not run)."""
+    columns = ("backend", "linears", "export (s)", "time (ms)", "tokens/s", "speedup", "checks")
+    lines = [
+        "",
+        f"Prefill, {p['config']['num_hidden_layers']}-block LLaMA-3-8B-shaped model "
+        f"(random init), batch 1 x {p['tokens']} tokens, last-token logits; engine prune "
+        f"(2:4 magnitude) {p['prune_s']:.2f} s:",
+        "",
+        *md_table(columns, [], "lrrrrrl"),
+        f"| dense (2:4 zeros) | | | {p['dense_s'] * 1e3:.1f} | "
+        f"{p['dense_tokens_per_s']:.0f} | 1.00x | |",
+    ]
+    for b in p["backends"]:
+        if "error" in b:
+            lines.append(f"| {b['backend']} | | | | | | not run: {b['error']} |")
+            continue
+        checks = (
+            f"layers ok: {b['layer_checks_ok']} (worst {b['worst_layer_rel_err']:.1e}); logits "
+            f"on 128 tokens {b['model_check_rel_err']:.1e} (ok: {b['model_check_ok']}); "
+            f"last-token logits {b['last_token_logits_rel_err']:.1e}"
+        )
+        cells = [b["backend"], b["converted_linears"], f"{b['export_s']:.2f}",
+                 f"{b['sparse_s'] * 1e3:.1f}", f"{b['sparse_tokens_per_s']:.0f}",
+                 f"{b['speedup']:.2f}x", checks]  # fmt: skip
+        lines.append(md_row(cells))
+    return lines
+
+
 def write(report: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    text = markdown(report)
+    write_report(out, report, text)
+    print(text)
 
 
 def main() -> None:

@@ -13,28 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from harness import Timer, utc_now, write_json
 from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
 SHAPES = {"k_proj": (1024, 4096), "q_proj": (4096, 4096), "gate_proj": (14336, 4096)}
 
 
 def timed(fn, *args, repeats: int = 20, **kwargs) -> float:
-    for _ in range(3):
-        fn(*args, **kwargs)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(*args, **kwargs)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000)
-    return statistics.median(times)
+    """Median microseconds of ``fn(*args, **kwargs)`` (CUDA events) after 3 warm-up calls."""
+    result = Timer("cuda").median(lambda: fn(*args, **kwargs), repeats, warmup=3)
+    return result["median_s"] * 1e6
 
 
 def two_four(w: torch.Tensor) -> torch.Tensor:
@@ -73,14 +64,13 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     report = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "date": utc_now(),
         "device": torch.cuda.get_device_name(),
         "torch": str(torch.__version__),
         "cusparselt": torch.backends.cusparselt.version(),
         "rows": rows,
     }
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(args.out, report, end="")
 
 
 if __name__ == "__main__":

@@ -239,3 +239,46 @@ def test_windows_longer_than_the_models_positions_are_refused():
     model = tiny_llama()  # max_position_embeddings=256
     with pytest.raises(ValueError, match=r"max_position_embeddings \(256\)"):
         prune(model, torch.zeros(1, 300, dtype=torch.long), "wanda", 0.5)
+
+
+def _dispatched_tiny_llama(layers: int = 4):
+    """A tiny model dispatched by accelerate, every module on the CPU: the hook path runs."""
+    from accelerate import dispatch_model
+
+    names = ["model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head"]
+    device_map = {name: "cpu" for name in names} | {
+        f"model.layers.{i}": "cpu" for i in range(layers)
+    }
+    return dispatch_model(tiny_llama(0, layers=layers), device_map=device_map, force_hooks=True)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_model_dispatched_by_accelerate_prunes_like_the_plain_model(method):
+    from optishear_lightning.models import is_dispatched
+
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    plain, dispatched = tiny_llama(0, layers=4), _dispatched_tiny_llama(4)
+    assert is_dispatched(dispatched) and not is_dispatched(plain)
+    expected = prune(plain, ids, method, 0.5)
+    got = prune(dispatched, ids, method, 0.5)
+    assert expected.masks.keys() == got.masks.keys()
+    for name, keep in expected.masks.items():
+        assert torch.equal(keep, got.masks[name]), name
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, dispatched(ids).logits)
+
+
+def test_the_search_takes_a_model_dispatched_by_accelerate():
+    from optishear_lightning.search import optishear_search
+    from optishear_lightning.search.space import MAGNITUDE, WANDA
+
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    settings = dict(
+        metric_candidates=[WANDA, MAGNITUDE], budget=10, pop_size=4, proxy_blocks=1,
+        metric_topk=1, objective_samples=2, objective_seq_len=16, validation_samples=2,
+        baselines=[], progress=False,
+    )  # fmt: skip
+    plain = optishear_search(tiny_llama(0, layers=4), ids, 0.5, **settings)
+    dispatched = optishear_search(_dispatched_tiny_llama(4), ids, 0.5, **settings)
+    assert dispatched.history == plain.history
+    assert (dispatched.metric, dispatched.ratios) == (plain.metric, plain.ratios)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import eval_mode, find_decoder_blocks, find_prunable_linears
+from .models import eval_mode, find_decoder_blocks, find_prunable_linears, is_dispatched
 from .progress import track
 
 __all__ = [
@@ -263,7 +263,8 @@ def run_sequential(
         on_block: ``on_block(index, block_name, block, stats) -> changed``; may prune the block
             in place and must return whether it changed any weight (then the block's outputs
             are recomputed before they feed the next block).
-        device: where blocks run (default: the model's device).
+        device: where blocks run (default: the model's device). A model dispatched by
+            accelerate (``device_map``) runs each block on its own device instead, unmoved.
         gram_for: ``gram_for(name, linear)`` says which linears need the input Gram matrix.
         offload: move each block back to its original device after use. Defaults to ``True``
             when the model does not live on ``device``.
@@ -273,16 +274,19 @@ def run_sequential(
     blocks_name, blocks = find_decoder_blocks(model)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
+    dispatched = is_dispatched(model)  # each block stays on the device accelerate gave it
     if offload is None:
-        offload = home != device
+        offload = home != device and not dispatched
     with eval_mode(model):
         inputs = capture_block_inputs(model, batches, device, cache_device)
         hidden = inputs.hidden
         for i in track(range(len(blocks)), "blocks", enabled=progress):
             block = blocks[i]
             block_home = next(block.parameters()).device
+            run_on = block_home if dispatched else device
             try:
-                block.to(device)
+                if not dispatched:
+                    block.to(device)
                 linears = find_prunable_linears(block)
                 wants_gram = [
                     n for n, m in linears.items() if gram_for is not None and gram_for(n, m)
@@ -291,13 +295,13 @@ def run_sequential(
                 outputs = []
                 with collector:
                     for h, call in zip(hidden, inputs.calls[i], strict=True):
-                        outputs.append(run_block(block, h, call, device).to(h.device))
+                        outputs.append(run_block(block, h, call, run_on).to(h.device))
                 collector.check_finite(i)
                 changed = on_block(i, f"{blocks_name}.{i}", block, collector.stats)
                 del collector
                 if changed:
                     outputs = [
-                        run_block(block, h, call, device).to(h.device)
+                        run_block(block, h, call, run_on).to(h.device)
                         for h, call in zip(hidden, inputs.calls[i], strict=True)
                     ]
                 hidden = outputs

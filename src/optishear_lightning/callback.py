@@ -9,7 +9,9 @@ Thin glue over the engine (:func:`~optishear_lightning.pruning.prune`) and the s
    to the callback, else text sampled from the model), search (``method="optishear"``) or reuse
    a saved ``SearchResult``, prune the selected linears (``include``/``exclude``), log the
    search through the Trainer's loggers and save the ``SearchResult`` beside the checkpoints.
-   Under DDP, rank 0 prunes and broadcasts the pruned weights and masks, so every rank holds
+   Under DDP a search is shared: every rank evaluates its share of the candidates
+   (:mod:`.search.distributed`) and prunes its replica the same way; fixed methods run on rank
+   0 alone. Either way rank 0 then broadcasts the pruned weights and masks, so every rank holds
    identical masks.
 2. While training: the gradients of pruned weights are zeroed before gradient clipping and the
    optimizer step, and the pruned weights are re-zeroed after every optimizer step (see
@@ -436,9 +438,17 @@ class OptiShearCallback(Callback):
         resolve_block_sparsities(self.sparsity, len(blocks), self.pattern)
         select = self._layer_filter(model)
         distributed = trainer.world_size > 1 and torch.distributed.is_initialized()
+        # A search shares its candidates across the ranks, so every rank takes part in it.
+        shared = distributed and self.method == "optishear" and saved is None
         result = masks = None
-        if not distributed or trainer.is_global_zero:
-            batches = self._calibration_batches(trainer, pl_module, model, datamodule)
+        if not distributed or trainer.is_global_zero or shared:
+            batches = None
+            if trainer.is_global_zero:
+                batches = self._calibration_batches(trainer, pl_module, model, datamodule)
+            if shared:  # rank 0's calibration, as for the fixed methods
+                batches, self._calibration_source = trainer.strategy.broadcast(
+                    (batches, self._calibration_source), src=0
+                )
             result = self._prune_model(trainer, model, batches, saved, select)
             masks = SparseMasks.from_keep_masks(pl_module, result.masks, prefix)
         if distributed:

@@ -327,7 +327,7 @@ class OptiShearCLI(LightningCLI):
         if not listed:
             return False
         defaults = self._parser(self.subcommand).get_defaults()
-        configured = config["optishear"].as_dict() != defaults["optishear"].as_dict()
+        configured = _configured(config["optishear"].as_dict(), defaults["optishear"].as_dict())
         if len(listed) > 1 or configured:
             raise ValueError(
                 "OptiShearCallback is configured more than once ("
@@ -400,7 +400,7 @@ class OptiShearCLI(LightningCLI):
         else:
             section = config["optishear"].as_dict()
             defaults = self._parser(subcommand).get_defaults()["optishear"].as_dict()
-            configured = section != defaults
+            configured = _configured(section, defaults)
             settings = f"the optishear: settings (method={_method_text(section['method'])}, " + (
                 f"sparsity={section['sparsity']}, pattern={section['pattern']})"
             )
@@ -425,6 +425,12 @@ class OptiShearCLI(LightningCLI):
                 "optishear.calibration_seq_len",
                 compute_fn=_calibration_seq_len,
             )
+
+
+def _configured(section: Mapping[str, Any], defaults: Mapping[str, Any]) -> bool:
+    """Whether the user set anything in ``optishear:`` (the values linked from data: aside)."""
+    linked = {name.split(".", 1)[1] for name in _LINKED_FROM_DATA}
+    return any(section.get(k) != defaults.get(k) for k in section.keys() - linked)
 
 
 def _calibration_seq_len(seq_len: int, calibration_seq_len: int | None) -> int:

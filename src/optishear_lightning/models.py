@@ -27,6 +27,7 @@ __all__ = [
     "channel_couplings",
     "find_decoder_blocks",
     "find_prunable_linears",
+    "is_dispatched",
     "load_model",
     "load_tokenizer",
     "named_prunable_linears",
@@ -333,6 +334,18 @@ def model_device(model: nn.Module) -> torch.device:
     """Where a model runs: its first parameter's device (the CPU for a parameter-free stub)."""
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+def is_dispatched(model: nn.Module) -> bool:
+    """Whether accelerate placed the model's modules itself (``device_map``/``dispatch_model``).
+
+    Such a model keeps each block where accelerate put it (possibly across several GPUs) and
+    moves activations between them with its hooks; the engine then runs every block on its own
+    device instead of moving it.
+    """
+    return bool(getattr(model, "hf_device_map", None)) or any(
+        hasattr(module, "_hf_hook") for module in model.modules()
+    )
 
 
 @contextlib.contextmanager

@@ -26,7 +26,14 @@ from torch import nn
 from .calibration import LayerStats, run_sequential
 from .data import batch_token_ids
 from .dispatch import deferred_nan_checks
-from .masks import Group, check_group, check_pattern_fits, parse_pattern, validate_sparsity
+from .masks import (
+    Group,
+    SparsityPattern,
+    check_group,
+    check_pattern_fits,
+    parse_pattern,
+    validate_sparsity,
+)
 from .metrics import PruningMethod, get_method
 from .models import channel_couplings, find_decoder_blocks, find_prunable_linears
 from .permutation import permute_block_channels
@@ -366,27 +373,10 @@ def prune(
 
     batches: list[torch.Tensor] = []
     if needs_data:
-        if calibration is None or isinstance(calibration, (str, os.PathLike)):
-            if tokenizer is None and not pm.needs_activations:
-                raise ValueError(
-                    f"reconstruct={reconstruct!r} needs calibration data (each layer's inputs), "
-                    f"also for {pm.name}: pass calibration token ids, or a text source with "
-                    "tokenizer=..."
-                )
-            if tokenizer is None:
-                raise ValueError(
-                    "A text calibration source (or self-generated calibration when none is "
-                    "given) needs the tokenizer: pass tokenizer=..."
-                )
-            from .data import calibration_windows
-
-            source = "self" if calibration is None else calibration
-            calibration = calibration_windows(
-                source, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed, model=model
-            )
-        batches = as_calibration_batches(calibration, batch_size)
-        check_token_ids(batches, model)
-
+        sampling = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed}
+        batches = _calibration_batches(
+            calibration, pm, reconstruct, model, tokenizer, batch_size, **sampling
+        )
     home = next(model.parameters()).device
     run_device = torch.device(device) if device is not None else home
     if run_device.type == "cuda":
@@ -400,70 +390,134 @@ def prune(
         n_calibration_samples=sum(b.shape[0] for b in batches),
         calibration_seq_len=batches[0].shape[1] if batches else 0,
     )
-    # (parameter, CPU copy) of everything a failed prune must restore.
-    backups: list[tuple[torch.Tensor, torch.Tensor]] = []
-    params: dict[str, torch.Tensor] = {}
+    config = getattr(model, "config", None)
+    pruner = _BlockPruner(
+        pm, pat, group, ratios, linears_per_block, result, run_device, reconstruct,
+        couplings=(lambda linears: channel_couplings(linears, config)) if permute else None,
+        atomic=atomic, keep_masks=keep_masks,
+    )  # fmt: skip
     started = time.perf_counter()
+    try:
+        with torch.no_grad():
+            if needs_data:
+                gram = (lambda n, m: True) if pm.needs_gram or reconstruct else None
+                run_sequential(model, batches, pruner, device=run_device, gram_for=gram,
+                               offload=offload, progress=progress)  # fmt: skip
+            else:
+                for i, block in enumerate(blocks):
+                    pruner(i, f"{blocks_name}.{i}", block, {})
+    except BaseException:
+        pruner.restore()
+        raise
+    result.overall_sparsity = pruner.overall_sparsity()
+    result.seconds = time.perf_counter() - started
+    result.peak_memory = _peak_memory(run_device)
+    return result
 
-    def prune_block(index: int, block_name: str, block: nn.Module, stats: dict[str, LayerStats]):
-        linears = linears_per_block[index]
-        if atomic:
+
+def _calibration_batches(
+    calibration: Any,
+    pm: PruningMethod,
+    reconstruct: str | None,
+    model: nn.Module,
+    tokenizer: Any,
+    batch_size: int,
+    **sampling: Any,
+) -> list[torch.Tensor]:
+    """``prune``'s calibration as token batches: given ids, or windows sampled from text."""
+    if calibration is None or isinstance(calibration, (str, os.PathLike)):
+        if tokenizer is None and not pm.needs_activations:
+            raise ValueError(
+                f"reconstruct={reconstruct!r} needs calibration data (each layer's inputs), "
+                f"also for {pm.name}: pass calibration token ids, or a text source with "
+                "tokenizer=..."
+            )
+        if tokenizer is None:
+            raise ValueError(
+                "A text calibration source (or self-generated calibration when none is "
+                "given) needs the tokenizer: pass tokenizer=..."
+            )
+        from .data import calibration_windows
+
+        source = "self" if calibration is None else calibration
+        calibration = calibration_windows(source, tokenizer, model=model, **sampling)
+    batches = as_calibration_batches(calibration, batch_size)
+    check_token_ids(batches, model)
+    return batches
+
+
+@dataclass
+class _BlockPruner:
+    """Prunes the selected linears of one block at a time (``run_sequential``'s callback).
+
+    Keeps a CPU copy of everything it changes when ``atomic``, so that :meth:`restore` can
+    put the dense model back after a failure in a later block.
+    """
+
+    pm: PruningMethod
+    pat: SparsityPattern
+    group: Group
+    ratios: list[float]
+    linears_per_block: list[dict[str, nn.Linear]]
+    result: PruneResult
+    run_device: torch.device
+    reconstruct: str | None
+    #: With ``permute``: the channel couplings of a block's linears (None: no permutation).
+    couplings: Callable[[dict[str, nn.Linear]], Any] | None = None
+    atomic: bool = True
+    keep_masks: bool = True
+    backups: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __call__(
+        self, index: int, block_name: str, block: nn.Module, stats: dict[str, LayerStats]
+    ) -> bool:
+        linears = self.linears_per_block[index]
+        if self.atomic:
             # Weights and biases: a permutation also moves the producers' biases.
-            backups.extend(
+            self.backups.extend(
                 (p, p.detach().to("cpu", copy=True))
                 for lin in linears.values()
                 for p in lin.parameters()
             )
-        if permute:
-            couplings = channel_couplings(linears, getattr(model, "config", None))
-            permute_block_channels(linears, couplings, stats, pm.channel_scores, pat.n, pat.m)
+        if self.couplings is not None:
+            permute_block_channels(linears, self.couplings(linears), stats,
+                                   self.pm.channel_scores, self.pat.n, self.pat.m)  # fmt: skip
         kept: dict[str, torch.Tensor] = {}
         # One device sync per block, not per matrix: the kernels' NaN checks and the kept
         # fractions are read back together at the end.
         with deferred_nan_checks():
             for name, lin in linears.items():
                 fqn = f"{block_name}.{name}.weight"
-                params[fqn] = lin.weight
-                dense = lin.weight.detach().clone() if reconstruct else None
-                keep = pm.prune_(lin.weight, stats.get(name), ratios[index], pat, group)
-                if reconstruct:
-                    new = reconstruct_weight(reconstruct, dense, stats[name].gram, keep)
-                    lin.weight.data.copy_(new)
-                kept[fqn] = keep.float().mean()
-                if keep_masks:
-                    result.masks[fqn] = keep.cpu()
+                kept[fqn] = self._prune_linear(fqn, lin, stats.get(name), self.ratios[index])
         if kept:
-            fractions = torch.stack([v.to(run_device) for v in kept.values()]).tolist()
+            fractions = torch.stack([v.to(self.run_device) for v in kept.values()]).tolist()
             for fqn, fraction in zip(kept, fractions, strict=True):
-                result.layer_sparsity[fqn] = 1.0 - fraction
+                self.result.layer_sparsity[fqn] = 1.0 - fraction
         return True
 
-    try:
-        with torch.no_grad():
-            if needs_data:
-                run_sequential(
-                    model,
-                    batches,
-                    prune_block,
-                    device=run_device,
-                    gram_for=(lambda n, m: True) if pm.needs_gram or reconstruct else None,
-                    offload=offload,
-                    progress=progress,
-                )
-            else:
-                for i, block in enumerate(blocks):
-                    prune_block(i, f"{blocks_name}.{i}", block, {})
-    except BaseException:
-        for param, original in backups:
+    def _prune_linear(
+        self, fqn: str, lin: nn.Linear, stats: LayerStats | None, ratio: float
+    ) -> torch.Tensor:
+        """Prune one linear in place; return its kept fraction (a device scalar)."""
+        self.params[fqn] = lin.weight
+        dense = lin.weight.detach().clone() if self.reconstruct else None
+        keep = self.pm.prune_(lin.weight, stats, ratio, self.pat, self.group)
+        if self.reconstruct:
+            lin.weight.data.copy_(reconstruct_weight(self.reconstruct, dense, stats.gram, keep))
+        if self.keep_masks:
+            self.result.masks[fqn] = keep.cpu()
+        return keep.float().mean()
+
+    def restore(self) -> None:
+        for param, original in self.backups:
             param.data.copy_(original)
-        raise
-    backups.clear()
-    total = sum(p.numel() for p in params.values())
-    zeros = sum(result.layer_sparsity[f] * params[f].numel() for f in params)
-    result.overall_sparsity = zeros / max(total, 1)
-    result.seconds = time.perf_counter() - started
-    result.peak_memory = _peak_memory(run_device)
-    return result
+        self.backups.clear()
+
+    def overall_sparsity(self) -> float:
+        total = sum(p.numel() for p in self.params.values())
+        zeros = sum(self.result.layer_sparsity[f] * p.numel() for f, p in self.params.items())
+        return zeros / max(total, 1)
 
 
 EXPORT_MARKER = ".optishear_export"

@@ -86,8 +86,11 @@ class Recorder:
     def __init__(self):
         self.calls: list[tuple[int, ...]] = []
 
-    def __call__(self, x: np.ndarray) -> tuple[float, float]:
-        assert x.dtype.kind == "i"
+    def __call__(self, population: np.ndarray) -> list[tuple[float, float]]:
+        assert population.dtype.kind == "i" and population.ndim == 2
+        return [self.one(x) for x in population]
+
+    def one(self, x: np.ndarray) -> tuple[float, float]:
         self.calls.append(tuple(int(v) for v in x))
         return float(np.sum((x - TARGET[: len(x)]) ** 2)), float(abs(np.mean(x) - 1.0))
 

@@ -47,6 +47,7 @@ from ..pruning import (
 )
 from .config import SearchConfig
 from .context import SearchContext
+from .distributed import CandidateShard
 from .ratios import non_dominated, run_nsga3, select_solution
 from .result import (
     SearchResult,
@@ -87,6 +88,7 @@ def optishear_search(
     device: str | torch.device | None = None,
     state_path: str | Path | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
     **settings: Any,
 ) -> SearchResult:
     """Search a pruning metric and per-block sparsity ratios for ``model``.
@@ -107,8 +109,13 @@ def optishear_search(
         batch_size: sequences per forward pass.
         device: where the model runs (default: its device); the whole model must already be
             there, since every candidate runs a full forward pass.
-        state_path: JSON file for resumable state.
-        progress: progress bars and a summary table.
+        state_path: JSON file for resumable state (written by rank 0 only; a state written
+            with any number of ranks resumes with any other).
+        progress: progress bars and a summary table (rank 0 only).
+        distributed: share the candidates across the ranks of the initialised
+            ``torch.distributed`` process group (:mod:`.distributed`): each rank holds a
+            replica and evaluates its share; every rank returns the same result as one process
+            would. ``None``: when a group with several ranks exists; ``False``: never.
         **settings: :class:`SearchConfig` fields that override ``config``
             (``optishear_search(model, calib, 0.5, budget=50)``).
 
@@ -119,9 +126,10 @@ def optishear_search(
         ValueError: bad arguments (before any computation).
     """
     cfg = (config or SearchConfig()).replace(**settings) if settings else config or SearchConfig()
-    search = _Search(model, calibration, sparsity, pattern, group, cfg, batch_size, device)
+    shard = CandidateShard.current(distributed)
+    search = _Search(model, calibration, sparsity, pattern, group, cfg, batch_size, device, shard)
     search.check_metrics(metric, metric_candidates)
-    search.start(state_path, progress)
+    search.start(state_path, progress and shard.is_leader)
     try:
         if cfg.search_metric:
             search.screen_metrics()
@@ -135,7 +143,7 @@ def optishear_search(
         search.ctx.restore()
         search.save_state()
     result = search.result()
-    if progress:
+    if progress and shard.is_leader:
         from .report import print_summary
 
         print_summary(result)
@@ -145,7 +153,10 @@ def optishear_search(
 class _Search:
     """State shared by the phases of one search: settings, context, history, timings."""
 
-    def __init__(self, model, calibration, sparsity, pattern, group, cfg, batch_size, device):
+    def __init__(
+        self, model, calibration, sparsity, pattern, group, cfg, batch_size, device, shard
+    ):
+        self.shard: CandidateShard = shard
         self.pat = parse_pattern(pattern)
         # N:M: the engine's own check (sparsity unset or the implied value) gives the target.
         self.target = (
@@ -177,6 +188,8 @@ class _Search:
         )
         self.n_blocks = len(find_decoder_blocks(model)[1])
         self.weights_digest = weights_digest(model)
+        shard.check_same("weights", self.weights_digest)
+        shard.check_same("calibration tokens", tokens_digest(self.rows))
         self.uniform = [self.target] * self.n_blocks
         self.chosen: PruningMethod = WANDA
         self.pool: list[MetaMetric] = []
@@ -225,7 +238,12 @@ class _Search:
 
     def start(self, state_path: str | Path | None, progress: bool) -> None:
         self.state_path, self.progress = state_path, progress
-        self.state = SearchState.load_or_new(state_path, self.fingerprint())
+        fingerprint = self.fingerprint()
+        history = None
+        if self.shard.is_leader:
+            history = SearchState.load_or_new(state_path, fingerprint).history
+        # Rank 0's state file only: every rank then resumes from the same history.
+        self.state = SearchState(fingerprint, self.shard.leader_value(history))
         self.cache = {json_key(h): h for h in self.state.history}
         self.started = time.perf_counter()
         self.ctx = SearchContext(
@@ -244,7 +262,7 @@ class _Search:
         self.timing["calibration_s"] = time.perf_counter() - self.started
 
     def save_state(self) -> None:
-        if self.state_path is not None:
+        if self.state_path is not None and self.shard.is_leader:
             self.state.save(self.state_path)
 
     def record(self, entry: dict) -> dict:
@@ -256,37 +274,55 @@ class _Search:
 
     def model_error(self, chosen: MetaMetric, ratios: Sequence[float], kind: str) -> float:
         """Objective of ``chosen`` at ``ratios`` with dense statistics (cached in the history)."""
-        entry = {"kind": kind, "metric": chosen.to_dict(), "ratios": list(ratios)}
-        hit = self.cache.get(json_key(entry))
-        if hit is not None and "error" in hit:
-            return hit["error"]
-        self.ctx.apply(chosen, ratios)
-        err = self.ctx.evaluate("objective")
-        self.ctx.restore()
-        self.model_evals += 1
-        entry["error"] = err
-        entry["sparsity_gap"] = abs(self.ctx.achieved_sparsity(ratios) - self.target)
-        self.record(entry)
-        return err
+        return self.model_errors([(chosen, ratios)], kind)[0][0]
+
+    def model_errors(
+        self, candidates: Sequence[tuple[MetaMetric, Sequence[float]]], kind: str
+    ) -> list[tuple[float, float]]:
+        """``(objective, sparsity gap)`` of each ``(metric, ratios)``; the ones not in the
+        history are shared across the ranks and recorded in order."""
+        entries = [{"kind": kind, "metric": m.to_dict(), "ratios": list(r)} for m, r in candidates]
+        todo = list({json_key(e): e for e in entries if _missing(self.cache, e, "error")}.values())
+
+        def evaluate(entry: dict) -> tuple[float, float]:
+            self.ctx.apply(MetaMetric.from_dict(entry["metric"]), entry["ratios"])
+            try:
+                err = self.ctx.evaluate("objective")
+            finally:
+                self.ctx.restore()
+            return err, abs(self.ctx.achieved_sparsity(entry["ratios"]) - self.target)
+
+        for entry, (err, gap) in zip(todo, self.shard.map(evaluate, todo), strict=True):
+            self.record(entry | {"error": err, "sparsity_gap": gap})
+        self.model_evals += len(todo)
+        return [(self.cache[json_key(e)]["error"], self.cache[json_key(e)]["sparsity_gap"])
+                for e in entries]  # fmt: skip
 
     # Phases ------------------------------------------------------------------------------
     def screen_metrics(self) -> None:
-        """Phase 1: the proxy of every metric in the pool (saved as it goes)."""
+        """Phase 1: the proxy of every metric in the pool (shared across ranks, saved as it
+        goes)."""
         t0 = time.perf_counter()
         sparsity = None if self.pat.is_nm else self.target
-        self.screened = []
+        entries = [{"kind": "metric_proxy", "metric": m.to_dict()} for m in self.pool]
+        todo = [e for e in entries if _missing(self.cache, e, "proxy")]
+        chunk = _SCREEN_SAVE_EVERY * self.shard.world_size
         with ProgressBar(len(self.pool), "metric proxy", self.progress) as bar:
-            for i, m in enumerate(self.pool):
-                entry = {"kind": "metric_proxy", "metric": m.to_dict()}
-                hit = self.cache.get(json_key(entry))
-                if hit is None:
-                    entry["proxy"] = self.ctx.proxy_error(m, sparsity)
-                    hit = self.record(entry)
-                    if (i + 1) % _SCREEN_SAVE_EVERY == 0:
-                        self.save_state()
-                value = hit["proxy"]
-                self.screened.append((value if math.isfinite(value) else math.inf, m))
-                bar.update(1)
+            bar.update(len(entries) - len(todo))
+            for start in range(0, len(todo), chunk):
+                part = todo[start : start + chunk]
+                proxies = self.shard.map(
+                    lambda e: self.ctx.proxy_error(MetaMetric.from_dict(e["metric"]), sparsity),
+                    part,
+                )
+                for entry, proxy in zip(part, proxies, strict=True):
+                    self.record(entry | {"proxy": proxy})
+                self.save_state()
+                bar.update(len(part))
+        self.screened = []
+        for entry, m in zip(entries, self.pool, strict=True):
+            value = self.cache[json_key(entry)]["proxy"]
+            self.screened.append((value if math.isfinite(value) else math.inf, m))
         self.save_state()
         self.timing["metric_screen_s"] = time.perf_counter() - t0
 
@@ -297,11 +333,9 @@ class _Search:
         top = ranked[: self.cfg.metric_topk]
         if WANDA not in top:
             top.append(WANDA)
-        errs = []
         with ProgressBar(len(top), "metric objective", self.progress) as bar:
-            for m in top:
-                errs.append(self.model_error(m, self.uniform, "metric"))
-                bar.update(1)
+            errs = [err for err, _ in self.model_errors([(m, self.uniform) for m in top], "metric")]
+            bar.update(len(top))
         self.chosen = top[int(np.argmin(errs))]
         self.save_state()
         self.timing["metric_decide_s"] = time.perf_counter() - t0
@@ -313,14 +347,14 @@ class _Search:
         uniform_choice = cand.index(min(cand, key=lambda c: abs(c - target)))
         with ProgressBar(self.cfg.budget, "ratio search", self.progress) as bar:
 
-            def evaluate(x: np.ndarray) -> tuple[float, float]:
-                ratios = [cand[int(i)] for i in x]
-                err = self.model_error(self.chosen, ratios, "ratios")
-                bar.update(1)
-                return err, abs(self.ctx.achieved_sparsity(ratios) - target)
+            def evaluate_population(X: np.ndarray) -> list[tuple[float, float]]:
+                ratio_sets = [[cand[int(i)] for i in x] for x in X]
+                values = self.model_errors([(self.chosen, r) for r in ratio_sets], "ratios")
+                bar.update(len(X))
+                return values
 
             run_nsga3(
-                evaluate,
+                evaluate_population,
                 self.n_blocks,
                 len(cand),
                 self.cfg.budget,
@@ -362,15 +396,23 @@ class _Search:
         """Phase 4: really prune each finalist, score it on objective and validation windows."""
         t0 = time.perf_counter()
         picks = self.finalist_candidates()
+        entries = [self._finalist_entry(method, ratios, source) for method, ratios, source in picks]
+        todo = [e for e in entries if _missing(self.cache, e, "validation")]
         with ProgressBar(len(picks), "finalists", self.progress) as bar:
-            for method, ratios, source in picks:
-                self.finalists.append(self._validate(method, ratios, source))
-                bar.update(1)
+            bar.update(len(entries) - len(todo))
+            chunk = self.shard.world_size  # one finalist per rank at a time, saved after each
+            for start in range(0, len(todo), chunk):
+                part = todo[start : start + chunk]
+                for entry, scores in zip(part, self.shard.map(self._validate, part), strict=True):
+                    self.record(entry | scores)
+                self.save_state()
+                bar.update(len(part))
+        self.finalists = [self.cache[json_key(e)] for e in entries]
         self.save_state()
         self.timing["validation_s"] = time.perf_counter() - t0
 
-    def _validate(self, method: PruningMethod, ratios: list[float], source: str) -> dict:
-        entry = {
+    def _finalist_entry(self, method: PruningMethod, ratios: list[float], source: str) -> dict:
+        return {
             "kind": "finalist",
             "method": method_to_dict(method),
             "ratios": ratios,
@@ -378,13 +420,14 @@ class _Search:
             "permute": self.cfg.permute,
             "source": source,
         }
-        hit = self.cache.get(json_key(entry))
-        if hit is not None and "validation" in hit:
-            return hit
+
+    def _validate(self, entry: dict) -> dict[str, float]:
+        """Really prune one finalist on this rank's replica; its scores, weights restored."""
+        ratios = entry["ratios"]
         prune(
             self.model,
             self.windows.statistics,
-            method,
+            method_from_dict(entry["method"]),
             None if self.pat.is_nm else ratios,
             str(self.pat),
             self.group,
@@ -396,12 +439,14 @@ class _Search:
             permute=self.cfg.permute,
         )
         try:
-            entry["objective"] = self.ctx.evaluate("objective")
-            entry["validation"] = self.ctx.evaluate("validation")
+            scores = {
+                "objective": self.ctx.evaluate("objective"),
+                "validation": self.ctx.evaluate("validation"),
+            }
         finally:
             self.ctx.restore()
-        entry["sparsity_gap"] = abs(self.ctx.achieved_sparsity(ratios) - self.target)
-        return self.record(entry)
+        scores["sparsity_gap"] = abs(self.ctx.achieved_sparsity(ratios) - self.target)
+        return scores
 
     # Result --------------------------------------------------------------------------------
     def result(self) -> SearchResult:
@@ -551,6 +596,12 @@ def _same_device(a: torch.device, b: str | torch.device) -> bool:
     """``cuda`` and ``cuda:0`` name the same device when one of them has no index."""
     b = torch.device(b)
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _missing(cache: dict[str, dict], entry: dict, field: str) -> bool:
+    """Whether ``entry`` still needs computing (not in the history with ``field``)."""
+    hit = cache.get(json_key(entry))
+    return hit is None or field not in hit
 
 
 def _model_id(model: nn.Module) -> str:

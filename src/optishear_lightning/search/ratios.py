@@ -72,7 +72,7 @@ def select_solution(errors: Sequence[float], gaps: Sequence[float], tolerance: f
 
 
 def run_nsga3(
-    evaluate: Callable[[np.ndarray], tuple[float, float]],
+    evaluate: Callable[[np.ndarray], Sequence[tuple[float, float]]],
     n_blocks: int,
     n_choices: int,
     budget: int,
@@ -84,8 +84,9 @@ def run_nsga3(
     """Drive pymoo's NSGA-III through its ask/tell interface for ``budget`` evaluations.
 
     Args:
-        evaluate: maps an integer vector (one choice per block) to ``(error, gap)``; the caller
-            caches and records, so repeated vectors cost nothing.
+        evaluate: maps a population (one integer vector per row, one choice per block) to
+            one ``(error, gap)`` per row; the caller caches and records, so repeated vectors
+            cost nothing, and may share the rows across ranks.
         n_blocks: number of variables.
         n_choices: values per variable (``0 .. n_choices - 1``).
         budget: number of candidate evaluations (including the initial population); fewer
@@ -129,7 +130,7 @@ def run_nsga3(
             break
         X = population.get("X").astype(int)[: budget - spent]
         population = population[: len(X)]
-        F = np.array([evaluate(x) for x in X], dtype=float)
+        F = np.asarray(evaluate(X), dtype=float).reshape(len(X), 2)
         spent += len(X)
         algorithm.evaluator.eval(StaticProblem(problem, F=F), population)
         algorithm.tell(infills=population)
