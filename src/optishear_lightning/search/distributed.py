@@ -70,15 +70,32 @@ class CandidateShard:
         """Whether this rank writes files (state, results)."""
         return self.rank == 0
 
-    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    def map(
+        self,
+        fn: Callable[[T], R],
+        items: Sequence[T],
+        done: Callable[[T, R], None] | None = None,
+    ) -> list[R]:
         """``[fn(x) for x in items]``, each item evaluated on one rank, results on all.
+
+        Args:
+            fn: evaluates one item.
+            items: the candidates, in the order every rank sees them.
+            done: called with each item and its result, in item order, as soon as every rank
+                has it: at once in one process (so an interrupt loses at most the item being
+                evaluated), after the gather with several ranks.
 
         Raises:
             RankFailed: ``fn`` raised on some rank (the same error on every rank). In one
                 process the error itself propagates.
         """
         if self.world_size == 1:
-            return [fn(x) for x in items]
+            results = []
+            for item in items:
+                results.append(fn(item))
+                if done is not None:
+                    done(item, results[-1])
+            return results
         mine: dict[int, tuple[bool, Any]] = {}
         for i in range(self.rank, len(items), self.world_size):
             try:
@@ -90,7 +107,11 @@ class CandidateShard:
         failures = [payload for ok, payload in gathered.values() if not ok]
         if failures:
             raise RankFailed("Candidate-parallel search failed on " + failures[0])
-        return [gathered[i][1] for i in range(len(items))]
+        results = [gathered[i][1] for i in range(len(items))]
+        for item, result in zip(items, results, strict=True):
+            if done is not None:
+                done(item, result)
+        return results
 
     def leader_value(self, value: T) -> T:
         """Rank 0's ``value`` on every rank (a resumed state's history, for example)."""

@@ -292,9 +292,11 @@ class _Search:
                 self.ctx.restore()
             return err, abs(self.ctx.achieved_sparsity(entry["ratios"]) - self.target)
 
-        for entry, (err, gap) in zip(todo, self.shard.map(evaluate, todo), strict=True):
-            self.record(entry | {"error": err, "sparsity_gap": gap})
-        self.model_evals += len(todo)
+        def done(entry: dict, value: tuple[float, float]) -> None:
+            self.record(entry | {"error": value[0], "sparsity_gap": value[1]})
+            self.model_evals += 1
+
+        self.shard.map(evaluate, todo, done)
         return [(self.cache[json_key(e)]["error"], self.cache[json_key(e)]["sparsity_gap"])
                 for e in entries]  # fmt: skip
 
@@ -311,12 +313,11 @@ class _Search:
             bar.update(len(entries) - len(todo))
             for start in range(0, len(todo), chunk):
                 part = todo[start : start + chunk]
-                proxies = self.shard.map(
+                self.shard.map(
                     lambda e: self.ctx.proxy_error(MetaMetric.from_dict(e["metric"]), sparsity),
                     part,
+                    lambda e, proxy: self.record(e | {"proxy": proxy}),
                 )
-                for entry, proxy in zip(part, proxies, strict=True):
-                    self.record(entry | {"proxy": proxy})
                 self.save_state()
                 bar.update(len(part))
         self.screened = []
@@ -403,8 +404,7 @@ class _Search:
             chunk = self.shard.world_size  # one finalist per rank at a time, saved after each
             for start in range(0, len(todo), chunk):
                 part = todo[start : start + chunk]
-                for entry, scores in zip(part, self.shard.map(self._validate, part), strict=True):
-                    self.record(entry | scores)
+                self.shard.map(self._validate, part, lambda e, scores: self.record(e | scores))
                 self.save_state()
                 bar.update(len(part))
         self.finalists = [self.cache[json_key(e)] for e in entries]
