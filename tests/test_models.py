@@ -479,3 +479,19 @@ def test_load_real_smollm2(tmp_path):
     assert "quantization_config" not in model.config.to_dict()
     assert not getattr(model, "is_quantized", False)
     assert model.config.optishear_model_id == "smollm2-135m"
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_output_logits_match_the_models_own_forward(family):
+    from optishear_lightning.models import output_logits
+
+    model = make_model(family).eval()
+    if family == "gemma2":
+        model.config.final_logit_softcapping = 0.05  # small enough to bend these tiny logits
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        expected = model(input_ids=ids, use_cache=False).logits.float()
+        assert torch.allclose(output_logits(model, hidden), expected, atol=1e-6)
+        uncapped = model.get_output_embeddings()(hidden).float()
+    assert torch.equal(uncapped, expected) == (family == "llama")

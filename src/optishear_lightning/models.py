@@ -31,6 +31,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "named_prunable_linears",
+    "output_logits",
     "parse_dtype",
     "resolve_model_source",
 ]
@@ -334,6 +335,20 @@ def model_device(model: nn.Module) -> torch.device:
     """Where a model runs: its first parameter's device (the CPU for a parameter-free stub)."""
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's float32 logits for final hidden states, as its own forward makes them.
+
+    Applies the output embedding and the family's final-logit soft-cap (Gemma 2 and 3:
+    ``tanh(logits / cap) * cap``), which a caller that runs the LM head by itself on chunks
+    of hidden states would otherwise miss.
+    """
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def is_dispatched(model: nn.Module) -> bool:

@@ -29,7 +29,7 @@ from torch import nn
 from ..calibration import LayerStats, run_sequential
 from ..dispatch import dispatch_keep_mask, keep_mask
 from ..masks import SparsityPattern, num_pruned
-from ..models import find_decoder_blocks, find_prunable_linears
+from ..models import find_decoder_blocks, find_prunable_linears, output_logits
 from .objectives import Objective, get_objective
 from .space import MetaMetric
 
@@ -180,11 +180,7 @@ class SearchContext:
             return self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.model.get_output_embeddings()(hidden).float()
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return output_logits(self.model, hidden)
 
     @torch.no_grad()
     def evaluate(self, which: str = "objective", chunk_tokens: int = 2048) -> float:
