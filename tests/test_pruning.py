@@ -282,3 +282,14 @@ def test_the_search_takes_a_model_dispatched_by_accelerate():
     dispatched = optishear_search(_dispatched_tiny_llama(4), ids, 0.5, **settings)
     assert dispatched.history == plain.history
     assert (dispatched.metric, dispatched.ratios) == (plain.metric, plain.ratios)
+
+
+def test_calibration_is_normalised_once():
+    from optishear_lightning.pruning import CalibrationBatches, as_calibration_batches
+
+    ids = torch.randint(0, 128, (10, 16), generator=torch.Generator().manual_seed(0))
+    batches = as_calibration_batches([{"input_ids": ids[:6]}, (ids[6:], None)], batch_size=4)
+    assert isinstance(batches, CalibrationBatches) and [b.shape[0] for b in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat(batches), ids)
+    assert as_calibration_batches(batches, 4) is batches  # flows down without re-batching
+    assert [b.shape[0] for b in as_calibration_batches(batches, 8)] == [8, 2]

@@ -41,6 +41,7 @@ from .reconstruction import check_reconstruction, reconstruct_weight
 
 __all__ = [
     "EXPORT_MARKER",
+    "CalibrationBatches",
     "PruneResult",
     "as_calibration_batches",
     "check_output_dir",
@@ -175,14 +176,32 @@ def _block_index(key: Any, n_blocks: int) -> int:
     return index
 
 
-def as_calibration_batches(calibration: Any, batch_size: int = 8) -> list[torch.Tensor]:
+class CalibrationBatches(list):
+    """Calibration normalised once: int64 ``(batch, seq_len)`` token tensors, ``batch_size``
+    rows each (the last of each length may have fewer).
+
+    What :func:`as_calibration_batches` returns, and what flows down from the entry point
+    (the callback, ``prune``, the search) to the engine: handed back to
+    :func:`as_calibration_batches` with the same ``batch_size``, it is returned as it is.
+    """
+
+    def __init__(self, batches: Iterable[torch.Tensor], batch_size: int):
+        super().__init__(batches)
+        self.batch_size = batch_size
+
+
+def as_calibration_batches(calibration: Any, batch_size: int = 8) -> CalibrationBatches:
     """Normalise calibration input into a list of ``(batch, seq_len)`` ``input_ids`` tensors.
 
     Accepts a ``(n, seq_len)`` or ``(seq_len,)`` LongTensor, a sequence of such tensors, or an
-    iterable (e.g. a ``DataLoader``) of tensors or of dicts with an ``input_ids`` entry.
+    iterable (e.g. a ``DataLoader``) of tensors, dicts with an ``input_ids`` entry or
+    ``(input_ids, ...)`` tuples (:func:`~optishear_lightning.data.batch_token_ids`). Calibration
+    normalised before with the same ``batch_size`` is returned unchanged.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if isinstance(calibration, CalibrationBatches) and calibration.batch_size == batch_size:
+        return calibration
     if isinstance(calibration, torch.Tensor):
         items: Iterable = [calibration]
     elif isinstance(calibration, (str, bytes)) or calibration is None:
@@ -212,7 +231,7 @@ def as_calibration_batches(calibration: Any, batch_size: int = 8) -> list[torch.
     for same in by_len.values():
         for start in range(0, len(same), batch_size):
             batches.append(torch.stack(same[start : start + batch_size]))
-    return batches
+    return CalibrationBatches(batches, batch_size)
 
 
 def check_token_ids(batches: Sequence[torch.Tensor], model: nn.Module) -> None:
