@@ -422,3 +422,39 @@ def test_method_object_per_block_sparsity_and_layer_selection_from_yaml(tiny_dir
     layer = callback.summary["layer_sparsity"]
     assert layer["model.layers.0.mlp.up_proj.weight"] == pytest.approx(0.3, abs=0.01)
     assert layer["model.layers.1.mlp.up_proj.weight"] == pytest.approx(0.6, abs=0.01)
+
+
+def _cli_prune(tmp_path: Path, tiny_dir: Path, devices: int) -> subprocess.CompletedProcess:
+    args = [*tiny_args(tiny_dir, tmp_path), "--trainer.devices", str(devices),
+            "--trainer.strategy", "ddp" if devices > 1 else "auto",
+            "--optishear.method", "optishear", "--optishear.export_dir", str(tmp_path / "export"),
+            "--optishear.search.budget", "6", "--optishear.search.pop_size", "4",
+            "--optishear.search.proxy_blocks", "1", "--optishear.search.metric_topk", "1",
+            "--optishear.search.objective_samples", "2", "--optishear.search.objective_seq_len",
+            "16", "--optishear.search.validation_samples", "2",
+            "--data.calibration_seq_len", "32"]  # fmt: skip
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        [sys.executable, "-m", "optishear_lightning.cli", "prune", *args],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+
+
+def test_prune_on_two_ddp_processes_shares_the_search_and_exports_what_one_gives(
+    tiny_dir, tmp_path
+):
+    from safetensors.torch import load_file
+
+    one = _cli_prune(tmp_path / "one", tiny_dir, devices=1)
+    assert one.returncode == 0, one.stderr[-4000:]
+    two = _cli_prune(tmp_path / "two", tiny_dir, devices=2)
+    assert two.returncode == 0, two.stderr[-4000:]
+    assert "MEMBER: 2/2" in two.stdout + two.stderr  # rank 1 really ran
+    weights = [load_file(tmp_path / run / "export" / "model.safetensors") for run in ("one", "two")]
+    assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
+    results = [json.loads(next((tmp_path / r).rglob("optishear_search.json")).read_text())
+               for r in ("one", "two")]  # fmt: skip
+    assert results[0]["history"] == results[1]["history"]

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
@@ -157,10 +158,33 @@ class OptiShearTrainer(Trainer):
             ``{"dense": [...], "pruned": [...], "sparsity": float, "export_dir": str | None}``
             (validation results as ``Trainer.validate`` returns them, e.g. ``val/ppl``).
 
+        Under DDP (``--trainer.devices 2 --trainer.strategy ddp``) every rank takes part:
+        the search's candidates are shared across the ranks, the pruned weights and masks
+        are broadcast from rank 0, validation runs on every rank's share of the windows and
+        rank 0 exports.
+
         Raises:
-            ValueError: no ``OptiShearCallback`` configured, or more than one device.
+            ValueError: no ``OptiShearCallback`` configured, or several devices with a
+                strategy other than DDP.
         """
         callback = self._optishear_callback()
+        if self.world_size > 1:
+            # One process per device, as fit starts them (the launcher re-runs this command
+            # for the other ranks); the callback then shares its search across them.
+            return self.strategy.launcher.launch(
+                self._prune_impl, callback, model, datamodule, evaluate_dense, trainer=self
+            )
+        return self._prune_impl(callback, model, datamodule, evaluate_dense)
+
+    def _prune_impl(
+        self,
+        callback: OptiShearCallback,
+        model: LightningModule,
+        datamodule: LightningDataModule | None,
+        evaluate_dense: bool,
+    ) -> dict[str, Any]:
+        if self.world_size > 1:
+            self.strategy.setup_environment()  # the process group, before the shared search
         has_val = datamodule is not None and bool(datamodule.val_dataloader())
         out: dict[str, Any] = {"dense": None, "pruned": None, "export_dir": None}
         if evaluate_dense and has_val:
@@ -180,7 +204,7 @@ class OptiShearTrainer(Trainer):
         if out["dense"] and out["pruned"]:
             dense = out["dense"][0].get("val/ppl")
             pruned = out["pruned"][0].get("val/ppl")
-            if dense is not None and pruned is not None:
+            if dense is not None and pruned is not None and self.is_global_zero:
                 print(
                     f"validation perplexity: dense {dense:.3f} -> pruned {pruned:.3f} "
                     f"(sparsity {out['sparsity']:.4f})"
@@ -194,10 +218,11 @@ class OptiShearTrainer(Trainer):
                 "prune needs exactly one OptiShearCallback in the Trainer's callbacks "
                 f"(found {len(callbacks)}); configure it once, under optishear:."
             )
-        if self.num_devices * self.num_nodes > 1:
+        if self.world_size > 1 and not isinstance(self.strategy, DDPStrategy):
             raise ValueError(
-                "prune runs in one process: set trainer.devices=1 (the search and the masks do "
-                "not need several devices; fit can then train on several)."
+                f"prune on several devices shares the search across DDP ranks; "
+                f"{type(self.strategy).__name__} is not supported: set trainer.strategy=ddp "
+                "(or trainer.devices=1)."
             )
         return callbacks[0]
 
