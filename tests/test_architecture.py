@@ -30,7 +30,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 
 #: Layers from the bottom up: a module may import only its own layer and lower ones.
 LAYERS = ("kernels", "engine", "search", "glue", "cli")
-GLUE = frozenset({"callback", "module", "datamodule"})
+GLUE = frozenset({"callback", "callback_settings", "module", "datamodule", "loggers"})
 
 #: Deprecated re-export modules (like package ``__init__`` files, exempt from the layer rule).
 SHIMS = frozenset({f"{PACKAGE}.finetuning", f"{PACKAGE}.kernels._deprecated"})
@@ -279,3 +279,20 @@ def test_the_walker_sees_every_kind_of_import(tmp_path):
     assert strongly_connected(edges) == [
         [f"{PACKAGE}.cli", f"{PACKAGE}.kernels.leaf", f"{PACKAGE}.metrics"]
     ]
+
+
+def test_only_the_glue_and_the_cli_import_lightning():
+    """The engine, the search and the kernels are framework-free (usable without Lightning)."""
+    offenders = []
+    for module, path in MODULES.items():
+        if layer(module) in ("glue", "cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names] if isinstance(node, ast.Import)
+                else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )  # fmt: skip
+            offenders += [f"{short(module)}: {n}" for n in names if n.split(".")[0] in
+                          ("lightning", "pytorch_lightning")]  # fmt: skip
+    assert not offenders, "Lightning imported below the glue: " + ", ".join(offenders)
