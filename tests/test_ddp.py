@@ -35,3 +35,5 @@ def test_ddp_ranks_hold_identical_masks(tmp_path, method):
         # after DDP's initial broadcast, so this only holds if the callback synced them.
         assert torch.equal(weight, ranks[1]["weights"][name]), name
     assert ranks[0]["violations"] == 0 and ranks[1]["violations"] == 0
+    if method == "optishear":  # the search was shared: every rank recorded the same history
+        assert ranks[0]["history"] and ranks[0]["history"] == ranks[1]["history"]

@@ -80,10 +80,12 @@ def main() -> None:
     trainer.fit(CausalLMModule(model, learning_rate=1e-2), datamodule=data)
     weights = {n: lin.weight.detach().clone() for n, lin in named_prunable_linears(model).items()}
     masks = {n: callback.masks.keep_mask(n).clone() for n in callback.masks.names}
+    found = callback.found.to_dict() if callback.found is not None else None
     torch.save(
-        {"masks": masks, "weights": weights, "violations": callback.masks.violations()},
+        {"masks": masks, "weights": weights, "violations": callback.masks.violations(),
+         "history": found["history"] if found else None},
         out / f"rank{trainer.global_rank}.pt",
-    )
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
