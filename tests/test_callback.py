@@ -363,6 +363,27 @@ def test_empty_calibration_loader_fails_before_any_weight_changes(tmp_path):
     assert all(torch.equal(w, dense[n]) for n, w in pruned_weights(module).items())
 
 
+def test_calibration_loader_is_not_read_past_calibration_samples(tmp_path):
+    class Counting:
+        """A loader of 2-row batches that counts how many were taken."""
+
+        def __init__(self):
+            self.taken = 0
+
+        def __iter__(self):
+            for i in range(50):
+                self.taken += 1
+                yield torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i))
+
+    loader = Counting()
+    cb = OptiShearCallback(
+        method="wanda", progress=False, calibration_dataloader=loader, calibration_samples=6
+    )
+    module = CausalLMModule(tiny_llama(layers=2))
+    trainer(tmp_path, cb, max_steps=1).fit(module, datamodule=datamodule(calibration_data=None))
+    assert loader.taken == 3 and cb.summary["n_calibration_samples"] == 6
+
+
 def test_out_of_vocabulary_calibration_fails_clearly(tmp_path):
     module = CausalLMModule(tiny_llama(layers=2))
     loader = DataLoader(torch.full((2, 16), 5000, dtype=torch.long), batch_size=2)

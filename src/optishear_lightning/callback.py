@@ -51,6 +51,7 @@ from .callback_settings import (
     checked_config,
     same_sparsity,
 )
+from .data import batch_token_ids
 from .loggers import layer_table, log_images, log_metrics, print_rich
 from .masks import check_group, parse_pattern
 from .metrics import PruningMethod, get_method
@@ -627,8 +628,8 @@ class OptiShearCallback(Callback):
         rows: list[torch.Tensor] = []
         limit = self.calibration_samples
         try:
-            for batch in as_calibration_batches(loader, self.calibration_batch_size):
-                rows.extend(batch)
+            for batch in loader:  # lazily: a loader is not read past the rows that are used
+                rows.extend(batch_token_ids(batch))
                 if limit is not None and len(rows) >= limit:
                     break
         except ValueError as err:
