@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +189,8 @@ class _Search:
         self.n_blocks = len(find_decoder_blocks(model)[1])
         self.weights_digest = weights_digest(model)
         shard.check_same("weights", self.weights_digest)
-        shard.check_same("calibration tokens", tokens_digest(self.rows))
+        self.calibration_digest = tokens_digest(self.rows)
+        shard.check_same("calibration tokens", self.calibration_digest)
         self.uniform = [self.target] * self.n_blocks
         self.chosen: PruningMethod = WANDA
         self.pool: list[MetaMetric] = []
@@ -219,7 +220,7 @@ class _Search:
             # Same shapes are not the same search: another model or other calibration text
             # must not take this state's objective values.
             "weights_digest": self.weights_digest,
-            "calibration_digest": tokens_digest(self.rows),
+            "calibration_digest": self.calibration_digest,
             "metric": None if cfg.search_metric else method_to_dict(self.chosen),
             "metric_pool": [m.to_dict() for m in self.pool] if self.pool else None,
             "proxy_blocks": self._proxy_blocks(),
@@ -292,13 +293,41 @@ class _Search:
                 self.ctx.restore()
             return err, abs(self.ctx.achieved_sparsity(entry["ratios"]) - self.target)
 
-        def done(entry: dict, value: tuple[float, float]) -> None:
-            self.record(entry | {"error": value[0], "sparsity_gap": value[1]})
+        def scores(value: tuple[float, float]) -> dict[str, float]:
             self.model_evals += 1
+            return {"error": value[0], "sparsity_gap": value[1]}
 
-        self.shard.map(evaluate, todo, done)
+        self._evaluate_missing(todo, evaluate, scores)
         return [(self.cache[json_key(e)]["error"], self.cache[json_key(e)]["sparsity_gap"])
                 for e in entries]  # fmt: skip
+
+    def _evaluate_missing(
+        self,
+        todo: Sequence[dict],
+        evaluate: Callable[[dict], Any],
+        fields: Callable[[Any], dict],
+        save_every: int | None = None,
+        bar: ProgressBar | None = None,
+    ) -> None:
+        """Evaluate the history entries ``todo``, shared across the ranks, and record each
+        (``entry | fields(value)``) as soon as every rank has it.
+
+        Args:
+            todo: entries not in the history yet, in the order every rank sees them.
+            evaluate: computes one entry's value on this rank's replica.
+            fields: what the value adds to the entry.
+            save_every: save the state after every this many entries per rank (``None``:
+                the caller saves).
+            bar: advanced as entries are done.
+        """
+        chunk = len(todo) if save_every is None else save_every * self.shard.world_size
+        for start in range(0, len(todo), max(chunk, 1)):
+            part = todo[start : start + chunk]
+            self.shard.map(evaluate, part, lambda entry, value: self.record(entry | fields(value)))
+            if save_every is not None:
+                self.save_state()
+            if bar is not None:
+                bar.update(len(part))
 
     # Phases ------------------------------------------------------------------------------
     def screen_metrics(self) -> None:
@@ -308,18 +337,15 @@ class _Search:
         sparsity = None if self.pat.is_nm else self.target
         entries = [{"kind": "metric_proxy", "metric": m.to_dict()} for m in self.pool]
         todo = [e for e in entries if _missing(self.cache, e, "proxy")]
-        chunk = _SCREEN_SAVE_EVERY * self.shard.world_size
         with ProgressBar(len(self.pool), "metric proxy", self.progress) as bar:
             bar.update(len(entries) - len(todo))
-            for start in range(0, len(todo), chunk):
-                part = todo[start : start + chunk]
-                self.shard.map(
-                    lambda e: self.ctx.proxy_error(MetaMetric.from_dict(e["metric"]), sparsity),
-                    part,
-                    lambda e, proxy: self.record(e | {"proxy": proxy}),
-                )
-                self.save_state()
-                bar.update(len(part))
+            self._evaluate_missing(
+                todo,
+                lambda e: self.ctx.proxy_error(MetaMetric.from_dict(e["metric"]), sparsity),
+                lambda proxy: {"proxy": proxy},
+                save_every=_SCREEN_SAVE_EVERY,
+                bar=bar,
+            )
         self.screened = []
         for entry, m in zip(entries, self.pool, strict=True):
             value = self.cache[json_key(entry)]["proxy"]
@@ -401,12 +427,8 @@ class _Search:
         todo = [e for e in entries if _missing(self.cache, e, "validation")]
         with ProgressBar(len(picks), "finalists", self.progress) as bar:
             bar.update(len(entries) - len(todo))
-            chunk = self.shard.world_size  # one finalist per rank at a time, saved after each
-            for start in range(0, len(todo), chunk):
-                part = todo[start : start + chunk]
-                self.shard.map(self._validate, part, lambda e, scores: self.record(e | scores))
-                self.save_state()
-                bar.update(len(part))
+            # One finalist per rank at a time, saved after each: a finalist is a real prune.
+            self._evaluate_missing(todo, self._validate, dict, save_every=1, bar=bar)
         self.finalists = [self.cache[json_key(e)] for e in entries]
         self.save_state()
         self.timing["validation_s"] = time.perf_counter() - t0
