@@ -86,7 +86,12 @@ def run(rank: int, args: argparse.Namespace) -> None:
         out = {"error": f"{type(err).__name__}: {err}"}
     (args.out / f"rank{rank}.json").write_text(json.dumps(out))
     if args.world_size > 1:
-        dist.destroy_process_group()
+        # Leave together, then skip the C++ teardown: after a rank failed, gloo's teardown
+        # at interpreter exit aborts now and then ("terminate called without an active
+        # exception", about 1 run in 10 on CPU) although both ranks finished and wrote their
+        # results. What is tested is written above; the exit status must not be that noise.
+        dist.barrier()
+        os._exit(0)
 
 
 def main() -> None:
