@@ -18,6 +18,7 @@ def test_defaults_are_many_short_objective_windows_and_held_out_validation():
     assert cfg.replace(reconstruct="obs").baseline_methods() == ["wanda", "ria", "sparsegpt"]
     assert cfg.replace(baselines=[]).baseline_methods() == []
     assert cfg.ratio_candidates(0.5) == [0.45, 0.5, 0.55]
+    assert cfg.finalist_calibration == "all"  # the model validated is the model returned
 
 
 @pytest.mark.parametrize(
@@ -33,6 +34,7 @@ def test_defaults_are_many_short_objective_windows_and_held_out_validation():
         ({"reconstruct": "admm"}, "Unknown reconstruction"),
         ({"baselines": ["wanda", "oracle"]}, "Unknown baseline"),
         ({"permute": "yes"}, "permute"),
+        ({"finalist_calibration": "validation"}, "finalist_calibration"),
     ],
 )
 def test_bad_settings_are_refused_where_they_enter(changes, match):

@@ -145,6 +145,18 @@ def with_baselines() -> SearchResult:
     return search(baselines=["wanda", "ria"])
 
 
+def validation_of(pruned: torch.nn.Module) -> float:
+    """The search's validation value (KL on its validation windows) of a pruned model."""
+    windows = result_windows(pruned)
+    ctx = SearchContext(
+        model(), windows.statistics, [], parse_pattern("unstructured"),
+        validation=windows.validation, objective_fn="kl",
+    )  # fmt: skip
+    for name, p in pruned.named_parameters():
+        ctx.model.get_parameter(name).data.copy_(p)
+    return ctx.evaluate("validation")
+
+
 def test_result_is_never_worse_on_validation_than_the_baselines(with_baselines):
     result = with_baselines
     finals = result.finalists
@@ -159,16 +171,25 @@ def test_result_is_never_worse_on_validation_than_the_baselines(with_baselines):
     assert winner["ratios"] == result.ratios and winner["source"] == result.chosen_by
     assert all(winner["validation"] <= f["validation"] for f in finals)
     assert all(math.isfinite(f["objective"]) and f["validation"] > 0 for f in finals)
-    # What the finalists record is what the real sequential prune gives: check the winner.
+    assert all(f["calibration"] == "all" for f in finals)
+    # The model returned is the model validated: the final prune gives the winner's value.
+    m = model()
+    optishear_prune(m, IDS, 0.5, search_result=result, progress=False)
+    assert validation_of(m) == pytest.approx(winner["validation"], rel=1e-4)
+
+
+def test_finalists_pruned_on_the_statistics_rows_only():
+    result = search(baselines=["wanda"], finalist_calibration="statistics")
+    assert result.settings["finalist_calibration"] == "statistics"
+    winner = min(result.finalists, key=lambda f: f["validation"])
+    assert winner["calibration"] == "statistics"
     m = model()
     prune(m, result_windows(m).statistics, result.metric, result.ratios)
-    ctx = SearchContext(
-        model(), result_windows(m).statistics, [], parse_pattern("unstructured"),
-        validation=result_windows(m).validation, objective_fn="kl",
-    )  # fmt: skip
-    for name, p in m.named_parameters():
-        ctx.model.get_parameter(name).data.copy_(p)
-    assert ctx.evaluate("validation") == pytest.approx(winner["validation"], rel=1e-4)
+    assert validation_of(m) == pytest.approx(winner["validation"], rel=1e-4)
+    # The final prune uses every row, so it is not the model validated here.
+    final = model()
+    optishear_prune(final, IDS, 0.5, search_result=result, progress=False)
+    assert validation_of(final) != pytest.approx(winner["validation"], rel=1e-4)
 
 
 def result_windows(m):

@@ -10,10 +10,10 @@ validate finalists, return the result.
 3. **Ratios** (unstructured only; skipped for N:M, which fixes every block's sparsity):
    NSGA-III over one ratio per block (:mod:`.ratios`).
 4. **Validate**: the best distinct candidates, the chosen metric at uniform ratios, and the
-   fixed baselines (uniform Wanda and RIA by default) are *really* pruned -- sequentially, with
-   the configured reconstruction, as the final prune is -- and scored on held-out *validation*
-   windows. The lowest validation value wins, so the result is never worse there than the
-   best baseline; if a baseline wins, the result says so.
+   fixed baselines (uniform Wanda and RIA by default) are *really* pruned -- sequentially, on
+   all calibration rows, with the configured reconstruction: exactly as the final prune is --
+   and scored on held-out *validation* windows. The lowest validation value wins, so the model
+   returned is never worse there than the best baseline; if a baseline wins, the result says so.
 5. **Result**: a :class:`SearchResult` that records every evaluation and every finalist.
 
 Candidates in phases 2-3 are scored with dense-model statistics and cached weights (fast);
@@ -229,7 +229,8 @@ class _Search:
             "settings": {
                 k: v
                 for k, v in cfg.to_dict().items()
-                if k not in ("reconstruct", "permute", "finalists", "baselines")
+                if k
+                not in ("reconstruct", "permute", "finalists", "baselines", "finalist_calibration")
             }
             | {"budget": cfg.budget if self.run_ratios else 0},
         }
@@ -440,15 +441,21 @@ class _Search:
             "ratios": ratios,
             "reconstruct": self.cfg.reconstruct,
             "permute": self.cfg.permute,
+            "calibration": self.cfg.finalist_calibration,
             "source": source,
         }
 
     def _validate(self, entry: dict) -> dict[str, float]:
         """Really prune one finalist on this rank's replica; its scores, weights restored."""
         ratios = entry["ratios"]
+        rows = (
+            self.windows.statistics
+            if entry["calibration"] == "statistics"
+            else list(self.rows.split(self.batch_size))
+        )
         prune(
             self.model,
-            self.windows.statistics,
+            rows,
             method_from_dict(entry["method"]),
             None if self.pat.is_nm else ratios,
             str(self.pat),
