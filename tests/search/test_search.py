@@ -399,6 +399,25 @@ def test_rerun_with_state_needs_no_model_evaluation(result, tmp_path):
     assert second.history == first.history
 
 
+def test_state_finalists_are_reused_only_for_the_same_calibration_rows(tmp_path, monkeypatch):
+    state = tmp_path / "state.json"
+    first = search(state_path=state, finalist_calibration="statistics")
+    # A state file written before finalist_calibration existed: its finalists have no such key.
+    saved = json.loads(state.read_text())
+    for entry in saved["history"]:
+        entry.pop("calibration", None)
+    state.write_text(json.dumps(saved))
+    prunes = []
+    original = driver.prune
+    monkeypatch.setattr(driver, "prune", lambda *a, **k: prunes.append(1) or original(*a, **k))
+    again = search(state_path=state, finalist_calibration="statistics")
+    assert prunes == []
+    assert [f["validation"] for f in again.finalists] == [f["validation"] for f in first.finalists]
+    on_all = search(state_path=state)  # pruned on all rows: not what the state holds
+    assert len(prunes) == len(on_all.finalists) == len(first.finalists)
+    assert on_all.timing["model_evaluations"] == 0  # the phases before the finalists are reused
+
+
 def test_interrupted_search_resumes(result, tmp_path, monkeypatch):
     state = tmp_path / "state.json"
     original = SearchContext.evaluate

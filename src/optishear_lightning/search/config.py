@@ -56,9 +56,10 @@ class SearchConfig:
             ``"statistics"``: only the statistics rows, so no mask has seen the validation
             text, but the returned model (pruned on all rows) is not the one validated. On
             SmolLM2 the difference of calibration rows moved perplexities more than the
-            finalists differ (2:4: Wanda 208.0 on the statistics rows, 195.84 on all), and
-            ``"all"`` ranked the finalists as WikiText-2 does (Spearman 1.00 at 2:4, 0.94 at
-            50%) where ``"statistics"`` did not (-0.80, 0.77); see ``benchmarks/README.md``.
+            finalists differ (2:4: Wanda 208.0 on the statistics rows, 195.84 on all). Against
+            the WikiText-2 perplexity of the models each finalist would be returned as, the
+            validation values of ``"all"`` rank the finalists with Spearman 1.00 (2:4) and 0.94
+            (50%), those of ``"statistics"`` with -0.80 and 0.77 (``benchmarks/README.md``).
         baselines: fixed methods pruned and validated beside the finalists (uniform ratios);
             if one of them wins, the search returns it and says so. ``None`` (default): Wanda
             and RIA, plus SparseGPT when ``reconstruct`` is set (its mask is chosen with error

@@ -542,7 +542,8 @@ def optishear_prune(
     """Search (or reuse a saved search) and prune ``model`` in place.
 
     The final prune uses *all* calibration rows (statistics, objective and validation windows
-    alike): the decision was made on held-out text; the masks are then fitted to all of it.
+    alike), as the finalists were pruned by default (``finalist_calibration="all"``): the model
+    returned is the one that won the validation.
 
     Args:
         model: a causal LM.
@@ -614,6 +615,11 @@ def json_key(entry: dict) -> str:
         fields = ("kind", "method", "ratios", "reconstruct")
         # Only when on, so that finalists saved before the setting existed keep their key.
         fields += ("permute",) if entry.get("permute") else ()
+        # Finalists saved before finalist_calibration existed were pruned on the statistics
+        # rows: they must not stand in for finalists pruned on all rows.
+        calibration = entry.get("calibration", "statistics")
+        return json.dumps({k: entry.get(k) for k in fields} | {"calibration": calibration},
+                          sort_keys=True)  # fmt: skip
     else:
         # A model-wise evaluation is identified by (metric, ratios) alone, so the uniform
         # ratios evaluated by the metric phase are not evaluated again by the ratio phase.

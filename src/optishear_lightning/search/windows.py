@@ -2,8 +2,10 @@
 
 The calibration rows are split, never shared: the last rows are cut into short validation
 windows, the rows before them into short objective windows, and the rest collect the
-activation statistics that masks are chosen from. So the search never scores a candidate on
-text its masks were fitted to, and the final decision is made on text the search never saw.
+activation statistics that the search's candidates are masked with. So the search never scores
+a candidate on text its masks were fitted to, and the final decision is made on text the search
+never optimised on. (The finalists themselves are pruned on all rows by default, as the final
+prune is: see ``SearchConfig.finalist_calibration``.)
 
 Short windows follow the calibration's BOS protocol: when every calibration row starts with
 the model's BOS (``bos_per_window``, on by default for Gemma), every short window does too.
