@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from ..metrics import METHODS
 from ..reconstruction import check_reconstruction
@@ -20,7 +20,7 @@ from .ratios import check_candidates
 __all__ = ["FINALIST_CALIBRATIONS", "SearchConfig"]
 
 FinalistCalibration = Literal["all", "statistics"]
-FINALIST_CALIBRATIONS: tuple[str, ...] = ("all", "statistics")
+FINALIST_CALIBRATIONS: tuple[str, ...] = get_args(FinalistCalibration)
 
 
 @dataclass

@@ -67,6 +67,10 @@ __all__ = ["optishear_prune", "optishear_search"]
 # How many screened metrics between two saves of the state file.
 _SCREEN_SAVE_EVERY = 25
 
+# Settings of the finalist phase alone: each finalist's history key records them instead of the
+# state's identity, so one state serves every value of them.
+_FINALIST_SETTINGS = ("reconstruct", "permute", "finalists", "baselines", "finalist_calibration")
+
 
 def _spread(n_blocks: int, count: int | None) -> list[int]:
     if count is None or count >= n_blocks:
@@ -224,14 +228,7 @@ class _Search:
             "metric": None if cfg.search_metric else method_to_dict(self.chosen),
             "metric_pool": [m.to_dict() for m in self.pool] if self.pool else None,
             "proxy_blocks": self._proxy_blocks(),
-            # What the finalist phase does (reconstruction, how many, which baselines) is part
-            # of each finalist's history key instead, so one state serves all of those.
-            "settings": {
-                k: v
-                for k, v in cfg.to_dict().items()
-                if k
-                not in ("reconstruct", "permute", "finalists", "baselines", "finalist_calibration")
-            }
+            "settings": {k: v for k, v in cfg.to_dict().items() if k not in _FINALIST_SETTINGS}
             | {"budget": cfg.budget if self.run_ratios else 0},
         }
 
@@ -608,23 +605,25 @@ def optishear_prune(
 
 def json_key(entry: dict) -> str:
     """Cache key of a history entry: what was evaluated, not its results."""
+
+    def pick(*names: str) -> dict[str, Any]:
+        return {k: entry.get(k) for k in names}
+
     kind = entry.get("kind")
     if kind == "metric_proxy":
-        fields: tuple[str, ...] = ("kind", "metric")
+        key = pick("kind", "metric")
     elif kind == "finalist":
-        fields = ("kind", "method", "ratios", "reconstruct")
+        key = pick("kind", "method", "ratios", "reconstruct")
         # Only when on, so that finalists saved before the setting existed keep their key.
-        fields += ("permute",) if entry.get("permute") else ()
+        key |= pick("permute") if entry.get("permute") else {}
         # Finalists saved before finalist_calibration existed were pruned on the statistics
         # rows: they must not stand in for finalists pruned on all rows.
-        calibration = entry.get("calibration", "statistics")
-        return json.dumps({k: entry.get(k) for k in fields} | {"calibration": calibration},
-                          sort_keys=True)  # fmt: skip
+        key["calibration"] = entry.get("calibration", "statistics")
     else:
         # A model-wise evaluation is identified by (metric, ratios) alone, so the uniform
         # ratios evaluated by the metric phase are not evaluated again by the ratio phase.
-        fields = ("metric", "ratios")
-    return json.dumps({k: entry.get(k) for k in fields}, sort_keys=True)
+        key = pick("metric", "ratios")
+    return json.dumps(key, sort_keys=True)
 
 
 def _same_device(a: torch.device, b: str | torch.device) -> bool:
