@@ -37,6 +37,12 @@ def main() -> None:
     p.add_argument("--pop-size", type=int, default=40)
     p.add_argument("--proxy-blocks", type=int, default=8)
     p.add_argument("--metric-topk", type=int, default=8)
+    p.add_argument(
+        "--finalist-calibration",
+        choices=["all", "statistics"],
+        default="all",
+        help="rows each finalist is pruned on (SearchConfig.finalist_calibration)",
+    )
     p.add_argument("--progress", action="store_true", help="print each phase's progress bar")
     p.add_argument("--state", help="search state file (history survives an interrupted run)")
     p.add_argument("--out", help="also write the JSON report to this file")
@@ -70,6 +76,7 @@ def main() -> None:
         pop_size=args.pop_size,
         proxy_blocks=args.proxy_blocks,
         metric_topk=args.metric_topk,
+        finalist_calibration=args.finalist_calibration,
         progress=args.progress,
         state_path=args.state,
     )
